@@ -1,0 +1,258 @@
+"""Data contract v1: validation, reading and atomic writing of cohort files.
+
+A cohort is an ``xarray.Dataset`` (NetCDF on disk, engine h5netcdf). Its structure is described
+by ``pyrovae_pde/schemas/dataset-v1.schema.json`` (also under ``data_schemas/``); value rules are
+checked here. Every reader calls :func:`validate_dataset`, which raises one :class:`ContractError`
+naming the file, variable (and subject/visit) and the fix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import jsonschema
+import numpy as np
+import xarray as xr
+
+SCHEMA_VERSION = "1"
+IN_MEMORY = "<in-memory dataset>"
+
+
+class ContractError(ValueError):
+    """A cohort file or dataset breaks the data contract; the message names what and where."""
+
+
+@lru_cache(maxsize=None)
+def load_schema(name: str = "dataset-v1") -> dict:
+    """The JSON Schema ``name`` shipped with the package (``dataset-v1``, ``posterior-v1``, ...)."""
+    text = resources.files("pyrovae_pde").joinpath("schemas", f"{name}.schema.json").read_text()
+    return json.loads(text)
+
+
+def _dtype_name(values: np.ndarray) -> str:
+    if values.dtype.kind in "USO":
+        return "string"
+    return str(values.dtype)
+
+
+def describe(ds: xr.Dataset) -> dict[str, Any]:
+    """The JSON-able structure the schema validates: attrs and each variable's dims and dtype."""
+    variables = {name: {"dims": list(var.dims), "dtype": _dtype_name(var.values)}
+                 for name, var in ds.variables.items()}
+    attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in ds.attrs.items()}
+    attrs = {k: (str(v) if not isinstance(v, (str, int, float, bool)) else v) for k, v in attrs.items()}
+    return {"attrs": attrs, "variables": variables}
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    path = list(error.absolute_path)
+    if path[:1] == ["variables"] and len(path) >= 2:
+        where = f"variable {path[1]!r}"
+        if path[2:3] == ["dims"]:
+            return f"{where} has the wrong dims: {error.message}"
+        if path[2:3] == ["dtype"]:
+            return f"{where} has the wrong dtype: {error.message}"
+        return f"{where}: {error.message}"
+    if path[:1] == ["variables"] and error.validator == "required":
+        return f"missing variable: {error.message}"
+    if path[:1] == ["attrs"]:
+        if error.validator == "required":
+            return f"missing global attribute: {error.message}"
+        return f"attribute {path[1]!r}: {error.message}" if len(path) > 1 else error.message
+    return error.message
+
+
+def validate_dataset(ds: xr.Dataset, source: str = IN_MEMORY) -> xr.Dataset:
+    """Check ``ds`` against the contract; return it unchanged or raise one ``ContractError``.
+
+    ``source`` (a file name) prefixes every message.
+    """
+    def fail(message: str) -> ContractError:
+        return ContractError(f"{source}: {message}")
+
+    if not isinstance(ds, xr.Dataset):
+        raise fail(f"expected an xarray.Dataset, got {type(ds).__name__}")
+    # Checks that the schema cannot express clearly are done first for better messages.
+    if "schema_version" in ds.attrs and str(ds.attrs["schema_version"]) != SCHEMA_VERSION:
+        raise fail(f"attribute 'schema_version' is {ds.attrs['schema_version']!r}; this version of "
+                   f"pyrovae_pde reads schema_version {SCHEMA_VERSION!r}")
+    validator = jsonschema.Draft202012Validator(load_schema("dataset-v1"))
+    errors = sorted(validator.iter_errors(describe(ds)), key=lambda e: (len(e.absolute_path), e.message))
+    if errors:
+        raise fail(_schema_message(errors[0]) + " (see data_schemas/README.md)")
+
+    subjects = [str(s) for s in ds["subject"].values]
+    if len(set(subjects)) != len(subjects):
+        dupes = sorted({s for s in subjects if subjects.count(s) > 1})
+        raise fail(f"coordinate 'subject' has duplicate IDs: {', '.join(dupes[:5])}; subject IDs must be unique")
+    if ds.sizes.get("visit", 0) < 1 or len(subjects) < 1:
+        raise fail("variable 'signal' is empty: a cohort needs at least one subject and one visit")
+    time = np.asarray(ds["time"].values, dtype=float)
+    signal = ds["signal"]
+    if signal.sizes["subject"] != time.shape[0] or signal.sizes["visit"] != time.shape[1]:
+        raise fail(f"variables 'signal' and 'time' disagree on (subject, visit) sizes: "
+                   f"{(signal.sizes['subject'], signal.sizes['visit'])} vs {time.shape}")
+    _check_times(time, subjects, fail)
+    _check_signal(signal, time, subjects, fail)
+    if ds.attrs["domain"] == "grid":
+        _check_grid(ds, fail)
+    else:
+        _check_graph(ds, fail)
+    _check_truth(ds, subjects, fail)
+    return ds
+
+
+def _check_times(time: np.ndarray, subjects: list[str], fail: Callable[[str], ContractError]) -> None:
+    if np.isinf(time).any():
+        i, j = np.argwhere(np.isinf(time))[0]
+        raise fail(f"variable 'time', subject {subjects[i]!r}, visit {j}: time is inf; use a finite time "
+                   "or NaN for a missing visit")
+    missing_first = np.isnan(time[:, 0])
+    if missing_first.any():
+        i = int(np.argmax(missing_first))
+        raise fail(f"variable 'time', subject {subjects[i]!r}: the first visit (visit 0) is missing; "
+                   "the first visit is the initial condition and must be present (drop the subject or "
+                   "move its first scan to visit 0)")
+    if (time[:, 0] < 0).any():
+        i = int(np.argmax(time[:, 0] < 0))
+        raise fail(f"variable 'time', subject {subjects[i]!r}, visit 0: negative time {time[i, 0]}; "
+                   "times must be >= 0 (e.g. years since the first scan)")
+    for i, row in enumerate(time):
+        present = np.flatnonzero(~np.isnan(row))
+        steps = np.diff(row[present])
+        if (steps <= 0).any():
+            k = int(np.argmax(steps <= 0))
+            raise fail(f"variable 'time', subject {subjects[i]!r}, visit {present[k + 1]}: time "
+                       f"{row[present[k + 1]]} is not after the previous visit's {row[present[k]]}; "
+                       "visit times must be strictly ascending (sort the visits)")
+
+
+def _check_signal(signal: xr.DataArray, time: np.ndarray, subjects: list[str],
+                  fail: Callable[[str], ContractError]) -> None:
+    values = np.asarray(signal.values)
+    flat = values.reshape(values.shape[0], values.shape[1], -1)
+    finite = np.isfinite(flat)
+    all_nan = np.isnan(flat).all(axis=-1)
+    present = ~np.isnan(time)
+    for i, j in np.argwhere(present & ~finite.all(axis=-1)):
+        kind = "inf" if np.isinf(flat[i, j]).any() else "NaN"
+        if kind == "NaN" and all_nan[i, j]:
+            raise fail(f"variable 'signal', subject {subjects[i]!r}, visit {j}: the visit has a time "
+                       f"({time[i, j]}) but no signal (all NaN); set its time to NaN to mark it missing")
+        raise fail(f"variable 'signal', subject {subjects[i]!r}, visit {j}: {kind} values inside the data "
+                   f"({int((~finite[i, j]).sum())} of {flat.shape[-1]}); signal must be finite at present "
+                   "visits (NaN marks a whole missing visit)")
+    for i, j in np.argwhere(~present & ~all_nan):
+        raise fail(f"variable 'signal', subject {subjects[i]!r}, visit {j}: the visit's time is NaN "
+                   "(missing) but it has signal values; give it a time or set its signal to NaN")
+
+
+def _check_grid(ds: xr.Dataset, fail: Callable[[str], ContractError]) -> None:
+    mask = np.asarray(ds["mask"].values)
+    spatial = ds["signal"].dims[2:]
+    if tuple(ds["mask"].dims) != tuple(spatial):
+        raise fail(f"variable 'mask' has dims {ds['mask'].dims} but 'signal' has spatial dims {spatial}; "
+                   "they must match")
+    if mask.shape != ds["signal"].shape[2:]:
+        raise fail(f"variable 'mask' has shape {mask.shape} but 'signal' has spatial shape "
+                   f"{ds['signal'].shape[2:]}; mask and signal must be on the same grid")
+    if not np.isin(mask, (0, 1)).all():
+        raise fail("variable 'mask' must hold only 0 (outside) and 1 (inside the brain)")
+    if not mask.any():
+        raise fail("variable 'mask' has no cell inside the brain (all zeros)")
+    grid_spacing(ds, fail)
+
+
+def grid_spacing(ds: xr.Dataset, fail: Callable[[str], ContractError] | None = None) -> tuple[float, ...]:
+    """Grid spacing in mm per spatial axis, from the evenly spaced coordinates."""
+    fail = fail or (lambda m: ContractError(f"{IN_MEMORY}: {m}"))
+    spacings = []
+    for dim in ds["signal"].dims[2:]:
+        coord = np.asarray(ds[dim].values, dtype=float)
+        if coord.size < 2:
+            raise fail(f"coordinate {dim!r} needs at least 2 points to define the grid spacing")
+        steps = np.diff(coord)
+        if not np.all(np.isfinite(steps)) or steps[0] <= 0 or not np.allclose(steps, steps[0], rtol=1e-6):
+            raise fail(f"coordinate {dim!r} must be evenly spaced and increasing (mm); its step is the "
+                       "grid spacing")
+        spacings.append(float(steps[0]))
+    return tuple(spacings)
+
+
+def _check_graph(ds: xr.Dataset, fail: Callable[[str], ContractError]) -> None:
+    adjacency = np.asarray(ds["adjacency"].values, dtype=float)
+    n_nodes = ds["signal"].sizes["node"]
+    if adjacency.shape != (n_nodes, n_nodes):
+        raise fail(f"variable 'adjacency' has shape {adjacency.shape}; expected ({n_nodes}, {n_nodes}) to "
+                   "match the signal's node dim")
+    if not np.isfinite(adjacency).all():
+        raise fail("variable 'adjacency' has NaN or inf entries; use 0 for no connection")
+    if (adjacency < 0).any():
+        i, j = np.argwhere(adjacency < 0)[0]
+        raise fail(f"variable 'adjacency' has a negative weight at ({i}, {j}); weights must be >= 0")
+    if not np.allclose(adjacency, adjacency.T, rtol=1e-6, atol=1e-10):
+        i, j = np.unravel_index(np.argmax(np.abs(adjacency - adjacency.T)), adjacency.shape)
+        raise fail(f"variable 'adjacency' is not symmetric (entry ({i}, {j}) differs from ({j}, {i})); "
+                   "symmetrise it, e.g. (A + A.T) / 2")
+    if np.any(np.diag(adjacency) != 0):
+        raise fail("variable 'adjacency' has a nonzero diagonal; set self-connections to 0")
+
+
+def _check_truth(ds: xr.Dataset, subjects: list[str], fail: Callable[[str], ContractError]) -> None:
+    if "true_subtype" in ds:
+        from ..physics.reactions import registered_reactions
+
+        known = set(registered_reactions())
+        for subject, name in zip(subjects, ds["true_subtype"].values):
+            if str(name) not in known:
+                raise fail(f"variable 'true_subtype', subject {subject!r}: unknown reaction name {str(name)!r}; "
+                           f"registered names are {', '.join(sorted(known))}")
+    for name in ("true_diffusivity", "true_reaction"):
+        if name in ds:
+            bad = ~np.isfinite(np.asarray(ds[name].values, dtype=float))
+            if bad.any():
+                raise fail(f"variable {name!r}, subject {subjects[int(np.argmax(bad))]!r}: NaN or inf")
+
+
+def load_dataset(path: str | os.PathLike) -> xr.Dataset:
+    """Read and validate a contract file (NetCDF, engine h5netcdf) fully into memory."""
+    path = Path(path)
+    if not path.exists():
+        raise ContractError(f"{path}: file not found")
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as opened:
+            ds = opened.load()
+    except Exception as exc:  # h5py/xarray raise many kinds; one clear line is what users need
+        raise ContractError(f"{path}: not a readable NetCDF/HDF5 file ({type(exc).__name__}: {exc})") from None
+    return validate_dataset(ds, source=str(path))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
+
+    A failure leaves any existing ``path`` untouched and no temporary file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_dataset(ds: xr.Dataset, path: str | os.PathLike, validate: bool = True) -> Path:
+    """Validate ``ds`` and write it atomically as NetCDF (h5netcdf)."""
+    if validate:
+        validate_dataset(ds, source=str(path))
+    return atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))

@@ -1,0 +1,1 @@
+"""Interfaces: the user-facing Python API, the command line and plots."""

@@ -1,0 +1,159 @@
+"""Spatial domains of the reaction-diffusion PDE.
+
+Both kinds of domain reduce to one symmetric positive semi-definite Laplacian ``L`` over the
+*active* nodes (cells inside the brain mask, or graph regions), so the solvers only ever see
+``Domain``: a node count, a way to gather/scatter fields, and ``L``.
+
+    du/dt = -D * (L u) + r * f(u)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+class DomainError(ValueError):
+    """A domain description is invalid (mask, spacing or adjacency)."""
+
+
+@dataclass(eq=False)
+class Domain:
+    """A domain with ``n_nodes`` active nodes and Laplacian ``laplacian`` (scipy CSR, n x n).
+
+    ``spatial_shape`` is the shape of a full field: the grid shape for grids, ``(n_nodes,)``
+    for graphs. ``active_index`` (n_nodes,) holds the flat indices of active nodes in that shape.
+    """
+
+    laplacian: sp.csr_matrix
+    spatial_shape: tuple[int, ...]
+    active_index: np.ndarray
+    kind: str
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_nodes(self) -> int:
+        return int(self.active_index.size)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.spatial_shape)
+
+    def gather(self, field_: torch.Tensor) -> torch.Tensor:
+        """Full fields ``(..., *spatial_shape)`` -> active values ``(..., n_nodes)``."""
+        flat = field_.reshape(*field_.shape[: field_.dim() - self.ndim], -1)
+        index = torch.as_tensor(self.active_index, device=field_.device)
+        return flat.index_select(-1, index)
+
+    def scatter(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Active values ``(..., n_nodes)`` -> full fields ``(..., *spatial_shape)``; ``fill`` outside."""
+        size = int(np.prod(self.spatial_shape))
+        out = values.new_full((*values.shape[:-1], size), fill)
+        index = torch.as_tensor(self.active_index, device=values.device)
+        out[..., index] = values
+        return out.reshape(*values.shape[:-1], *self.spatial_shape)
+
+    def fingerprint(self) -> str:
+        """A short hash identifying the domain (shape, active nodes and Laplacian)."""
+        import hashlib
+
+        if "fingerprint" not in self._cache:
+            h = hashlib.sha256()
+            h.update(repr((self.kind, self.spatial_shape)).encode())
+            h.update(np.ascontiguousarray(self.active_index, dtype=np.int64).tobytes())
+            lap = self.laplacian.tocsr()
+            lap.sort_indices()
+            h.update(np.round(lap.data, 10).tobytes())
+            h.update(lap.indices.astype(np.int64).tobytes())
+            h.update(lap.indptr.astype(np.int64).tobytes())
+            self._cache["fingerprint"] = h.hexdigest()[:16]
+        return self._cache["fingerprint"]
+
+    def eigh(self, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenpairs of ``L``: eigenvalues (n,) >= 0 and orthonormal eigenvectors (n, n), cached."""
+        key = ("eigh", dtype, str(device))
+        if key not in self._cache:
+            base_key = ("eigh_np",)
+            if base_key not in self._cache:
+                evals, evecs = np.linalg.eigh(self.laplacian.toarray())
+                self._cache[base_key] = (np.clip(evals, 0.0, None), evecs)
+            evals, evecs = self._cache[base_key]
+            self._cache[key] = (
+                torch.as_tensor(evals, dtype=dtype, device=device),
+                torch.as_tensor(evecs, dtype=dtype, device=device),
+            )
+        return self._cache[key]
+
+    def sparse_laplacian(self, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """``L`` as a torch sparse CSR tensor, cached per dtype/device."""
+        key = ("sparse", dtype, str(device))
+        if key not in self._cache:
+            coo = self.laplacian.tocoo()
+            index = torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long)
+            values = torch.as_tensor(coo.data, dtype=dtype)
+            tensor = torch.sparse_coo_tensor(index, values, coo.shape).coalesce()
+            self._cache[key] = tensor.to(device)
+        return self._cache[key]
+
+
+def GridDomain(mask: np.ndarray, spacing: float | Sequence[float] = 1.0) -> Domain:
+    """A 2-D or 3-D grid restricted to ``mask`` (nonzero = inside the brain).
+
+    Uses the 4/6-neighbour stencil over cells inside the mask with no-flux at the mask edge:
+    only neighbours inside the mask count. ``spacing`` in mm (one value or one per axis);
+    the Laplacian is in 1/mm^2.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim not in (2, 3):
+        raise DomainError(f"mask must be 2-D or 3-D, got {mask.ndim}-D with shape {mask.shape}")
+    inside = mask != 0
+    if not inside.any():
+        raise DomainError("mask has no cell inside the brain (all zeros); a domain needs at least one cell")
+    spacings = np.broadcast_to(np.asarray(spacing, dtype=float), (mask.ndim,))
+    if not np.all(np.isfinite(spacings)) or np.any(spacings <= 0):
+        raise DomainError(f"grid spacing must be positive and finite, got {tuple(spacings)}")
+
+    index_of = -np.ones(mask.shape, dtype=np.int64)
+    active_index = np.flatnonzero(inside)
+    index_of.flat[active_index] = np.arange(active_index.size)
+    rows, cols, vals = [], [], []
+    for axis in range(mask.ndim):
+        weight = 1.0 / spacings[axis] ** 2
+        lo = [slice(None)] * mask.ndim
+        hi = [slice(None)] * mask.ndim
+        lo[axis] = slice(0, -1)
+        hi[axis] = slice(1, None)
+        both = inside[tuple(lo)] & inside[tuple(hi)]
+        a = index_of[tuple(lo)][both]
+        b = index_of[tuple(hi)][both]
+        rows += [a, b]
+        cols += [b, a]
+        vals += [np.full(a.size, weight), np.full(b.size, weight)]
+    n = active_index.size
+    adjacency = sp.csr_matrix(
+        (np.concatenate(vals) if vals else [], (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
+    )
+    laplacian = sp.diags(np.asarray(adjacency.sum(axis=1)).ravel()) - adjacency
+    return Domain(sp.csr_matrix(laplacian), tuple(mask.shape), active_index, "grid")
+
+
+def GraphDomain(adjacency: np.ndarray) -> Domain:
+    """A graph with symmetric, nonnegative ``adjacency`` (n, n) and zero diagonal; L = diag(A 1) - A."""
+    adjacency = np.asarray(adjacency, dtype=float)
+    if adjacency.ndim != 2 or adjacency.shape[0] != adjacency.shape[1]:
+        raise DomainError(f"adjacency must be a square (node, neighbor) matrix, got shape {adjacency.shape}")
+    if not np.all(np.isfinite(adjacency)):
+        raise DomainError("adjacency has NaN or inf entries; replace them with 0 (no connection)")
+    if np.any(adjacency < 0):
+        raise DomainError("adjacency has negative weights; connection strengths must be >= 0")
+    if not np.allclose(adjacency, adjacency.T, rtol=1e-6, atol=1e-10):
+        raise DomainError("adjacency is not symmetric; symmetrise it, e.g. (A + A.T) / 2")
+    if np.any(np.diag(adjacency) != 0):
+        raise DomainError("adjacency has nonzero diagonal entries (self-loops); set the diagonal to 0")
+    sym = 0.5 * (adjacency + adjacency.T)
+    laplacian = np.diag(sym.sum(axis=1)) - sym
+    n = sym.shape[0]
+    return Domain(sp.csr_matrix(laplacian), (n,), np.arange(n), "graph")
