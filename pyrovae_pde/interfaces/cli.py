@@ -13,6 +13,7 @@ from typing import Sequence
 # Modules contributing subcommands, in the order they appear in --help.
 SUBCOMMAND_MODULES = (
     "pyrovae_pde.interfaces.cli_data",
+    "pyrovae_pde.interfaces.cli_imaging",
 )
 
 
@@ -22,10 +23,11 @@ class UserError(Exception):
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from ..data import ContractError, SimulationError
+    from ..data.imaging import ImagingError
     from ..physics import DomainError, SolverInputError
 
     return (UserError, ContractError, SimulationError, DomainError, SolverInputError, KeyError,
-            FileNotFoundError, FileExistsError)
+            FileNotFoundError, FileExistsError, ImagingError)
 
 
 def build_parser() -> argparse.ArgumentParser:
