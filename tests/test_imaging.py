@@ -155,6 +155,16 @@ def test_mni_simulated_fields_survive_import(tmp_path):
             err = np.abs(recovered[mask_zyx] - fields[n, v][mask_zyx]).max()
             assert err < 1e-5, (n, v, err)
 
+    # With --resolution the MNI mask's grid is exactly the simulator's mni-grid at that resolution.
+    from pyrovae_pde.data.simulate import mni_gm_mask
+
+    resampled = import_cohort(manifest, mask="mni-gm", reference=root / "cerebellum.nii.gz", resolution=8.0,
+                              progress=False)
+    sim_mask, spacing, origin = mni_gm_mask(8.0)
+    np.testing.assert_array_equal(resampled["mask"].values, sim_mask)
+    for axis, dim in enumerate("zyx"):
+        np.testing.assert_allclose(resampled[dim].values, origin[axis] + spacing * np.arange(sim_mask.shape[axis]))
+
 
 # ---------------------------------------------------------------------------------------------
 # Import, export, round trip

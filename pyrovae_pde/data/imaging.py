@@ -778,7 +778,8 @@ def export_nifti(data: str | os.PathLike | xr.Dataset, out_dir: str | os.PathLik
     for other dims, suffixed ``_{variable}`` unless the variable is ``signal``. Fields that are all
     NaN (missing visits) are skipped. Each file is written atomically, float32, with the input
     grid's affine and shape; voxels outside the mask (grid), the slice, or the atlas regions (graph)
-    get ``fill``.
+    get ``fill``. After an import with ``resolution`` the input grid is the resampled grid (no
+    resampling back to the scans' original grids).
 
     Args:
         data: dataset or NetCDF path holding ``variable``.
