@@ -13,6 +13,7 @@ from typing import Sequence
 # Modules contributing subcommands, in the order they appear in --help.
 SUBCOMMAND_MODULES = (
     "pyrovae_pde.interfaces.cli_data",
+    "pyrovae_pde.interfaces.cli_model",
     "pyrovae_pde.interfaces.cli_imaging",
 )
 
@@ -25,8 +26,11 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from ..data import ContractError, SimulationError
     from ..data.imaging import ImagingError
     from ..physics import DomainError, SolverInputError
+    from .api import ModelError
+    from ..inference.train import TrainingDivergedError
 
-    return (UserError, ContractError, SimulationError, DomainError, SolverInputError, KeyError,
+    return (UserError, ContractError, SimulationError, DomainError, SolverInputError, KeyError, ModelError,
+            TrainingDivergedError,
             FileNotFoundError, FileExistsError, ImagingError)
 
 

@@ -32,6 +32,7 @@ class Domain:
     spatial_shape: tuple[int, ...]
     active_index: np.ndarray
     kind: str
+    spacing: tuple[float, ...] = ()  # grid spacing per axis (mm); empty for graphs
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -137,7 +138,8 @@ def GridDomain(mask: np.ndarray, spacing: float | Sequence[float] = 1.0) -> Doma
         (np.concatenate(vals) if vals else [], (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
     )
     laplacian = sp.diags(np.asarray(adjacency.sum(axis=1)).ravel()) - adjacency
-    return Domain(sp.csr_matrix(laplacian), tuple(mask.shape), active_index, "grid")
+    return Domain(sp.csr_matrix(laplacian), tuple(mask.shape), active_index, "grid",
+                  tuple(float(h) for h in spacings))
 
 
 def GraphDomain(adjacency: np.ndarray) -> Domain:

@@ -63,11 +63,13 @@ def _check(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusivity: t
 def solve_active(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusivity: torch.Tensor,
                  reaction: torch.Tensor, reactions: Sequence[str | ReactionTerm] = ("fisher_kpp",),
                  method: str = "auto", reaction_step: float = DEFAULT_REACTION_STEP,
-                 rtol: float = 1e-6, atol: float = 1e-8, adjoint: bool = False) -> torch.Tensor:
+                 rtol: float = 1e-6, atol: float = 1e-8, adjoint: bool = False,
+                 max_steps: int | None = None) -> torch.Tensor:
     """Solve on active nodes: u0 (N, n_nodes), times (N, T), diffusivity/reaction (N, K).
 
     Returns (N, K, T, n_nodes); entry [:, :, 0] is u0. Times in the unit of the rates; D in
-    (length unit)^2 per time unit, r per time unit.
+    (length unit)^2 per time unit, r per time unit. ``max_steps`` caps the spectral method's
+    steps per visit interval (accuracy then degrades for the largest r*dt only).
     """
     terms = _resolve_reactions(reactions)
     _check(domain, u0, times, diffusivity, reaction, len(terms))
@@ -80,7 +82,7 @@ def solve_active(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusiv
     if method == "auto":
         method = "spectral" if domain.n_nodes <= SPECTRAL_MAX_NODES else "dopri5"
     if method == "spectral":
-        return _solve_spectral(domain, u0, tau, diffusivity, reaction, terms, reaction_step)
+        return _solve_spectral(domain, u0, tau, diffusivity, reaction, terms, reaction_step, max_steps)
     return _solve_odeint(domain, u0, tau, diffusivity, reaction, terms, method, rtol, atol, adjoint)
 
 
@@ -121,7 +123,8 @@ def _reaction_flow(terms: list[ReactionTerm], u: torch.Tensor, s: torch.Tensor) 
 
 
 def _solve_spectral(domain: Domain, u0: torch.Tensor, tau: torch.Tensor, diffusivity: torch.Tensor,
-                    reaction: torch.Tensor, terms: list[ReactionTerm], reaction_step: float) -> torch.Tensor:
+                    reaction: torch.Tensor, terms: list[ReactionTerm], reaction_step: float,
+                    max_steps: int | None = None) -> torch.Tensor:
     evals, evecs = domain.eigh(u0.dtype, u0.device)  # (n,), (n, n)
     n_sub, n_comp = diffusivity.shape
     has_rate = torch.tensor([t.has_rate for t in terms], device=u0.device, dtype=u0.dtype)
@@ -133,6 +136,8 @@ def _solve_spectral(domain: Domain, u0: torch.Tensor, tau: torch.Tensor, diffusi
         interval = tau[:, j + 1] - tau[:, j]  # (N,)
         longest = float(interval.max())
         n_steps = max(1, math.ceil(longest * max_rate / reaction_step)) if longest > 0 else 0
+        if max_steps is not None:
+            n_steps = min(n_steps, max_steps)
         if n_steps:
             dt = (interval / n_steps)[:, None, None]  # (N, 1, 1)
             decay = torch.exp(-diffusivity[..., None] * evals * dt)  # (N, K, n)

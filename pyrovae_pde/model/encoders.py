@@ -1,0 +1,126 @@
+"""Amortized encoders: all of a subject's visits (irregular times, some missing) -> LogNormal
+posterior parameters of every component's diffusivity and reaction rate.
+
+Each visit slot contributes four input features per node (see ``visit_features``). Grids go through a conv net (2-D or 3-D), graphs through graph convolutions over
+the normalised adjacency.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..physics import Domain
+
+N_FEATURES = 4  # input features per visit slot, see visit_features
+
+
+def visit_features(signal: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
+                   time_scale: float) -> torch.Tensor:
+    """signal (B, T, n), times (B, T), observed (B, T) -> features (B, 4T, n).
+
+    Per visit slot: the signal, its change since the first visit (scaled up: that change is
+    what carries D and r), a present flag and the scaled time; all zero at missing visits.
+    """
+    present = observed.to(signal.dtype)
+    tau = torch.nan_to_num(times - times[:, :1], nan=0.0) / time_scale * present
+    n = signal.shape[-1]
+    values = signal * present[..., None]
+    change = 4.0 * (signal - signal[:, :1]) * present[..., None]
+    return torch.cat([values, change, present[..., None].expand(-1, -1, n), tau[..., None].expand(-1, -1, n)],
+                     dim=1)
+
+
+class PosteriorHead(nn.Module):
+    """Maps a feature vector to LogNormal (loc, scale) of D for K components and r for K_r of them.
+
+    Outputs are parameterised around the prior: loc = prior_loc + prior_scale * raw, so an
+    untrained encoder proposes the prior's centre.
+    """
+
+    def __init__(self, in_features: int, n_components: int, n_rate_components: int,
+                 d_prior: tuple[float, float], r_prior: tuple[float, float], hidden: int = 256):
+        super().__init__()
+        self.k, self.k_rate = n_components, n_rate_components
+        n_out = 2 * (n_components + n_rate_components)
+        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, n_out))
+        with torch.no_grad():
+            self.net[-1].weight.mul_(0.3)
+            self.net[-1].bias.zero_()
+            n_loc = n_components + n_rate_components
+            self.net[-1].bias[n_loc:] = math.log(0.3)
+        prior_loc = [d_prior[0]] * n_components + [r_prior[0]] * n_rate_components
+        prior_scale = [d_prior[1]] * n_components + [r_prior[1]] * n_rate_components
+        self.register_buffer("prior_loc", torch.tensor(prior_loc))
+        self.register_buffer("prior_scale", torch.tensor(prior_scale))
+
+    def forward(self, features: torch.Tensor):
+        """features (B, F) -> (d_loc (B, K), d_scale (B, K), r_loc (B, K_r), r_scale (B, K_r)) in log space."""
+        raw = self.net(features)
+        n_loc = self.k + self.k_rate
+        loc = self.prior_loc + self.prior_scale * raw[:, :n_loc]
+        scale = self.prior_scale * torch.exp(raw[:, n_loc:].clamp(-9.0, 1.0))
+        return loc[:, : self.k], scale[:, : self.k], loc[:, self.k:], scale[:, self.k:]
+
+
+class GridEncoder(nn.Module):
+    """Conv net over a 2-D/3-D grid; visits enter as channels (3 per visit slot + the mask)."""
+
+    def __init__(self, domain: Domain, n_visits: int, head: PosteriorHead | None = None, width: int = 32,
+                 time_scale: float = 1.0, **head_kwargs):
+        super().__init__()
+        self.domain = domain
+        self.time_scale = float(time_scale)
+        ndim = domain.ndim
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        pool = nn.AdaptiveAvgPool2d if ndim == 2 else nn.AdaptiveAvgPool3d
+        layers: list[nn.Module] = [conv(N_FEATURES * n_visits + 1, width, 3, padding=1),
+                                   nn.GroupNorm(4, width), nn.SiLU()]
+        size, channels = min(domain.spatial_shape), width
+        while size > 8:
+            out = min(2 * channels, 128)
+            layers += [conv(channels, out, 3, stride=2, padding=1), nn.GroupNorm(4, out), nn.SiLU()]
+            channels = out
+            size = (size + 1) // 2
+        layers += [conv(channels, channels, 3, padding=1), nn.GroupNorm(4, channels), nn.SiLU(), pool(4),
+                   nn.Flatten()]
+        self.body = nn.Sequential(*layers)
+        mask = np.zeros(int(np.prod(domain.spatial_shape)), dtype=np.float32)
+        mask[domain.active_index] = 1.0
+        self.register_buffer("mask", torch.tensor(mask).reshape(1, 1, *domain.spatial_shape))
+        self.head = head or PosteriorHead(channels * 4 ** ndim, **head_kwargs)
+
+    def forward(self, signal, times, observed):
+        """signal (B, T, n_nodes), times (B, T), observed (B, T) -> LogNormal params (see PosteriorHead)."""
+        feats = visit_features(signal, times, observed, self.time_scale)  # (B, 4T, n)
+        grid = self.domain.scatter(feats)  # (B, 4T, *space)
+        x = torch.cat([grid, self.mask.expand(grid.shape[0], -1, *grid.shape[2:])], dim=1)
+        return self.head(self.body(x))
+
+
+class GraphEncoder(nn.Module):
+    """Two graph convolutions (symmetric-normalised adjacency with self loops), then an MLP."""
+
+    def __init__(self, domain: Domain, n_visits: int, head: PosteriorHead | None = None, width: int = 32,
+                 time_scale: float = 1.0, **head_kwargs):
+        super().__init__()
+        self.time_scale = float(time_scale)
+        lap = domain.laplacian.toarray()
+        adjacency = np.diag(np.diag(lap)) - lap
+        adjacency = (adjacency > 0).astype(np.float32) + np.eye(lap.shape[0], dtype=np.float32)
+        d = 1.0 / np.sqrt(adjacency.sum(axis=1))
+        self.register_buffer("propagate", torch.tensor(d[:, None] * adjacency * d[None, :]))
+        self.lin1 = nn.Linear(N_FEATURES * n_visits, width)
+        self.lin2 = nn.Linear(width, width)
+        n = domain.n_nodes
+        self.head = head or PosteriorHead(n * width + N_FEATURES * n_visits * 2, **head_kwargs)
+
+    def forward(self, signal, times, observed):
+        feats = visit_features(signal, times, observed, self.time_scale).transpose(1, 2)  # (B, n, 4T)
+        h = torch.nn.functional.silu(self.propagate @ self.lin1(feats))
+        h = torch.nn.functional.silu(self.propagate @ self.lin2(h))  # (B, n, width)
+        pooled = torch.cat([feats.mean(dim=1), feats.amax(dim=1)], dim=-1)  # (B, 2 * 4T)
+        return self.head(torch.cat([h.flatten(1), pooled], dim=-1))

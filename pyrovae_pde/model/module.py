@@ -1,0 +1,221 @@
+"""The generative mixture of PDE subtypes and its amortized guide (pure torch/Pyro; no file I/O).
+
+Generative model, for subjects i = 1..N and components k = 1..K::
+
+    weights          ~ Dirichlet(c * 1_K)                                  # (K,)
+    noise_scale      ~ LogNormal(log(noise_median), noise_log_sd)          # ()  inferred, not fixed
+    diffusivity[k,i] ~ LogNormal(prior_D)                                  # (K, N)
+    reaction[k,i]    ~ LogNormal(prior_r)   for components with a rate     # (K_r, N)
+    subtype[i]       ~ Categorical(weights)                                # enumerated, summed out
+    signal[i, j]     ~ Normal(u_k(t_ij), noise_scale),  k = subtype[i], j >= 1 observed visits
+
+where u_k solves du/dt = -D L u + r f_k(u) from the subject's first visit. The guide is amortized:
+an encoder maps all visits of a subject to LogNormal posteriors of every component's D and r.
+The subtype is never sampled by the guide: TraceEnum_ELBO marginalises it exactly, and its
+posterior given the continuous draws is available in closed form (``log_responsibilities``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.ops.indexing import Vindex
+from torch import nn
+from torch.nn.functional import softplus
+
+from ..physics import Domain, get_reaction, solve_active
+from .encoders import GraphEncoder, GridEncoder, PosteriorHead
+from .priors import Priors
+
+SUBJECT_DIM = -1
+COMPONENT_DIM = -2
+MAX_PLATE_NESTING = 2
+# Caps the Strang steps per visit interval: only wild guide draws early in training (r*dt far
+# beyond the prior) reach it; their fields are saturated and their likelihood negligible anyway.
+MAX_STEPS_PER_INTERVAL = 200
+
+
+class MixturePDE(nn.Module):
+    """Pyro ``model``/``guide`` pair for a K-component mixture of reaction-diffusion PDEs.
+
+    Args:
+        domain: the spatial domain shared by the cohort.
+        components: reaction term names, one per component (K = 1 is the single-PDE baseline).
+        n_visits: number of visit slots T in the data.
+        priors: ``Priors``; ``time_scale``: typical follow-up length (encoder input scaling).
+        reaction_step: largest r*dt of a Strang step in the model's solves.
+    """
+
+    def __init__(self, domain: Domain, components: Sequence[str], n_visits: int, priors: Priors = Priors(),
+                 time_scale: float = 1.0, reaction_step: float = 0.1, encoder_width: int = 16):
+        super().__init__()
+        if len(components) == 0:
+            raise ValueError("a model needs at least one component")
+        if len(set(components)) != len(components):
+            raise ValueError(f"components must be distinct, got {list(components)}")
+        self.domain = domain
+        self.components = tuple(components)
+        self.terms = [get_reaction(name) for name in self.components]  # unknown names fail here
+        self.rate_index = [k for k, t in enumerate(self.terms) if t.has_rate]
+        self.priors = priors
+        self.n_visits = n_visits
+        self.reaction_step = reaction_step
+        head = PosteriorHead(1, self.n_components, len(self.rate_index),
+                             (priors.diffusivity.loc, priors.diffusivity.scale),
+                             (priors.reaction.loc, priors.reaction.scale))
+        encoder_cls = GridEncoder if domain.kind == "grid" else GraphEncoder
+        probe = encoder_cls(domain, n_visits, head=nn.Identity(), width=encoder_width, time_scale=time_scale)
+        n_features = probe(torch.zeros(1, n_visits, domain.n_nodes), torch.zeros(1, n_visits),
+                           torch.ones(1, n_visits, dtype=torch.bool)).shape[-1]
+        head = PosteriorHead(n_features, self.n_components, len(self.rate_index),
+                             (priors.diffusivity.loc, priors.diffusivity.scale),
+                             (priors.reaction.loc, priors.reaction.scale))
+        probe.head = head
+        self.encoder = probe
+        # Guide parameters of the global latents.
+        self.weights_raw = nn.Parameter(torch.full((self.n_components,), math.log(math.expm1(10.0))))
+        self.noise_loc = nn.Parameter(torch.tensor(math.log(priors.noise_median)))
+        self.noise_scale_raw = nn.Parameter(torch.tensor(math.log(math.expm1(0.1))))
+
+    @property
+    def n_components(self) -> int:
+        return len(self.components)
+
+    # ---------------------------------------------------------------- physics
+    def full_reaction(self, reaction: torch.Tensor | None, diffusivity: torch.Tensor) -> torch.Tensor:
+        """reaction (..., K_r) -> (..., K) with zeros for rate-free components."""
+        out = diffusivity.new_zeros(diffusivity.shape)
+        if reaction is not None:
+            out[..., self.rate_index] = reaction
+        return out
+
+    def predict(self, u0: torch.Tensor, times: torch.Tensor, diffusivity: torch.Tensor,
+                reaction: torch.Tensor | None) -> torch.Tensor:
+        """u0 (B, n), times (B, T), diffusivity (B, K), reaction (B, K_r) -> fields (B, K, T, n)."""
+        full = self.full_reaction(reaction, diffusivity)
+        return solve_active(self.domain, u0, times, diffusivity, full, self.terms, method="auto",
+                            reaction_step=self.reaction_step, max_steps=MAX_STEPS_PER_INTERVAL)
+
+    # ---------------------------------------------------------------- model and guide
+    def _plates(self, n_total: int | None, batch: int, index: torch.Tensor | None, device):
+        subjects = pyro.plate("subjects", n_total or batch, subsample=index, dim=SUBJECT_DIM, device=device)
+        components = pyro.plate("components", self.n_components, dim=COMPONENT_DIM, device=device)
+        rates = pyro.plate("rate_components", len(self.rate_index), dim=COMPONENT_DIM, device=device)
+        return subjects, components, rates
+
+    def model(self, signal: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
+              index: torch.Tensor | None = None, n_total: int | None = None) -> torch.Tensor:
+        """signal (B, T, n) on active nodes, times (B, T), observed (B, T) bool. ``index``: the
+        batch's subject indices among ``n_total`` subjects (minibatching by plate subsampling)."""
+        batch, _, n = signal.shape
+        p = self.priors
+        device = signal.device
+        one = signal.new_ones(())
+        weights = pyro.sample("weights", dist.Dirichlet(p.weights_concentration * signal.new_ones(self.n_components)))  # (K,)
+        noise = pyro.sample("noise_scale", dist.LogNormal(math.log(p.noise_median) * one, p.noise_log_sd * one))  # ()
+        subjects, components, rates = self._plates(n_total, batch, index, device)
+        with subjects:
+            with components:
+                diffusivity = pyro.sample("diffusivity", dist.LogNormal(p.diffusivity.loc * one,
+                                                                         p.diffusivity.scale * one))  # (K, B)
+            reaction = None
+            if self.rate_index:
+                with rates:
+                    reaction = pyro.sample("reaction", dist.LogNormal(p.reaction.loc * one,
+                                                                       p.reaction.scale * one))  # (K_r, B)
+            fields = self.predict(signal[:, 0], times, diffusivity.T, None if reaction is None else reaction.T)
+            fields = fields.transpose(0, 1)  # (K, B, T, n)
+            subtype = pyro.sample("subtype", dist.Categorical(weights),
+                                  infer={"enumerate": "parallel"})  # (B,), or (K, 1, 1) when enumerated
+            loc = Vindex(fields)[subtype, torch.arange(batch, device=device)]  # (B, T, n) / (K, 1, B, T, n)
+            later = observed[:, 1:, None]  # (B, T-1, 1): likelihood over later observed visits only
+            pyro.sample("signal", dist.Normal(loc[..., 1:, :], noise).mask(later).to_event(2),
+                        obs=signal[:, 1:])
+        return subtype
+
+    def encode(self, signal: torch.Tensor, times: torch.Tensor, observed: torch.Tensor):
+        """LogNormal posterior parameters (log space): d_loc, d_scale (B, K); r_loc, r_scale (B, K_r)."""
+        return self.encoder(signal, times, observed)
+
+    def guide(self, signal: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
+              index: torch.Tensor | None = None, n_total: int | None = None) -> None:
+        pyro.module("mixture", self)
+        batch = signal.shape[0]
+        pyro.sample("weights", dist.Dirichlet(self.weights_concentration()))  # (K,)
+        pyro.sample("noise_scale", dist.LogNormal(self.noise_loc, softplus(self.noise_scale_raw) + 1e-4))  # ()
+        subjects, components, rates = self._plates(n_total, batch, index, signal.device)
+        with subjects:
+            d_loc, d_scale, r_loc, r_scale = self.encode(signal, times, observed)
+            with components:
+                pyro.sample("diffusivity", dist.LogNormal(d_loc.T, d_scale.T))  # (K, B)
+            if self.rate_index:
+                with rates:
+                    pyro.sample("reaction", dist.LogNormal(r_loc.T, r_scale.T))  # (K_r, B)
+
+    def weights_concentration(self) -> torch.Tensor:
+        return softplus(self.weights_raw) + 1e-3
+
+    # ---------------------------------------------------------------- sleep phase
+    def simulate_prior(self, u0: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
+                       noise: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Synthetic subjects from every component's prior, sharing real initial fields and visit times.
+
+        u0 (B, n), times (B, T), observed (B, T) -> signal (B, K, T, n) (noise on later visits,
+        zero at missing visits), diffusivity (B, K), reaction (B, K_r) drawn from the priors.
+        """
+        p = self.priors
+        batch = u0.shape[0]
+        with torch.no_grad():
+            diffusivity = torch.exp(p.diffusivity.loc + p.diffusivity.scale * torch.randn(batch, self.n_components,
+                                                                                         dtype=u0.dtype, device=u0.device))
+            reaction = None
+            if self.rate_index:
+                reaction = torch.exp(p.reaction.loc + p.reaction.scale * torch.randn(
+                    batch, len(self.rate_index), dtype=u0.dtype, device=u0.device))
+            fields = self.predict(u0, times, diffusivity, reaction)  # (B, K, T, n)
+            fields[:, :, 1:] += noise * torch.randn_like(fields[:, :, 1:])
+            fields = fields * observed[:, None, :, None]
+        return fields, diffusivity, reaction
+
+    def sleep_loss(self, u0: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
+                   noise: torch.Tensor | float) -> torch.Tensor:
+        """Mean -log q_k(theta_k | x_k) over synthetic subjects x_k simulated by component k.
+
+        Trains each component's head towards that component's conditional posterior
+        p(theta_k | x, subtype = k), averaged over the prior predictive (the sleep phase of
+        wake-sleep); heads of other components receive no signal from x_k.
+        """
+        fields, diffusivity, reaction = self.simulate_prior(u0, times, observed, noise)
+        batch, k = fields.shape[:2]
+        flat = fields.reshape(batch * k, *fields.shape[2:])
+        d_loc, d_scale, r_loc, r_scale = self.encode(flat, times.repeat_interleave(k, 0),
+                                                     observed.repeat_interleave(k, 0))
+        own = torch.arange(k, device=u0.device).repeat(batch)  # component that simulated each row
+        rows = torch.arange(batch * k, device=u0.device)
+        log_q = dist.Normal(d_loc[rows, own], d_scale[rows, own]).log_prob(diffusivity.log().reshape(-1))
+        loss = -log_q.mean()
+        if reaction is not None:
+            rate_rows = [i for i in range(batch * k) if int(own[i]) in self.rate_index]
+            rate_col = torch.tensor([self.rate_index.index(int(own[i])) for i in rate_rows], device=u0.device)
+            rate_rows = torch.tensor(rate_rows, device=u0.device)
+            truth = reaction.log()[rate_rows // k, rate_col]
+            loss = loss - dist.Normal(r_loc[rate_rows, rate_col], r_scale[rate_rows, rate_col]).log_prob(truth).mean()
+        return loss
+
+    # ---------------------------------------------------------------- closed-form pieces
+    def log_likelihood_components(self, signal: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
+                                  diffusivity: torch.Tensor, reaction: torch.Tensor | None,
+                                  noise: torch.Tensor) -> torch.Tensor:
+        """log p(signal_i | subtype k, D_ik, r_ik, noise) for every component: (B, K).
+
+        diffusivity (B, K), reaction (B, K_r); later observed visits only.
+        """
+        fields = self.predict(signal[:, 0], times, diffusivity, reaction)  # (B, K, T, n)
+        resid = signal[:, None, 1:] - fields[:, :, 1:]
+        mask = observed[:, None, 1:, None].to(signal.dtype)
+        n_obs = mask.sum(dim=(2, 3)) * signal.shape[-1]
+        sq = (resid ** 2 * mask).sum(dim=(2, 3))
+        return -0.5 * sq / noise ** 2 - n_obs * (torch.log(noise) + 0.5 * math.log(2 * math.pi))

@@ -1,0 +1,64 @@
+"""LogNormal priors on diffusivity and reaction rate, specified by a central 95% interval."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+Z95 = 1.959963984540054  # standard-normal quantile of 0.975
+
+
+@dataclass(frozen=True)
+class LogNormalPrior:
+    """LogNormal(loc, scale) on a positive rate; ``low``/``high`` is its central 95% interval."""
+
+    low: float
+    high: float
+
+    def __post_init__(self):
+        if not (0 < self.low < self.high) or not math.isfinite(self.high):
+            raise ValueError(f"a prior interval needs 0 < LO < HI, got LO={self.low}, HI={self.high}")
+
+    @property
+    def loc(self) -> float:
+        return 0.5 * (math.log(self.low) + math.log(self.high))
+
+    @property
+    def scale(self) -> float:
+        return (math.log(self.high) - math.log(self.low)) / (2 * Z95)
+
+    def as_dict(self) -> dict:
+        return {"low": self.low, "high": self.high}
+
+
+@dataclass(frozen=True)
+class Priors:
+    """Priors of the mixture. Defaults put the paper's ranges at the central 95% intervals."""
+
+    diffusivity: LogNormalPrior = LogNormalPrior(0.01, 1.0)
+    reaction: LogNormalPrior = LogNormalPrior(0.01, 0.1)
+    weights_concentration: float = 1.0  # symmetric Dirichlet on mixture weights
+    noise_median: float = 0.05  # LogNormal prior on the observation noise sd ...
+    noise_log_sd: float = 1.5  # ... with this sd of log(noise)
+
+    def as_dict(self) -> dict:
+        return {"diffusivity": self.diffusivity.as_dict(), "reaction": self.reaction.as_dict(),
+                "weights_concentration": self.weights_concentration, "noise_median": self.noise_median,
+                "noise_log_sd": self.noise_log_sd}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Priors":
+        return cls(LogNormalPrior(**d["diffusivity"]), LogNormalPrior(**d["reaction"]),
+                   d["weights_concentration"], d["noise_median"], d["noise_log_sd"])
+
+
+def parse_prior_option(text: str) -> tuple[str, LogNormalPrior]:
+    """Parse the CLI form ``name=LO,HI`` (name: diffusivity or reaction)."""
+    name, _, rest = text.partition("=")
+    name = name.strip()
+    if name not in ("diffusivity", "reaction"):
+        raise ValueError(f"--prior {text!r}: name must be 'diffusivity' or 'reaction'")
+    try:
+        low, high = (float(v) for v in rest.split(","))
+    except ValueError:
+        raise ValueError(f"--prior {text!r}: expected {name}=LO,HI with two numbers") from None
+    return name, LogNormalPrior(low, high)
