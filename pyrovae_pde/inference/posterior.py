@@ -98,7 +98,7 @@ def component_log_evidence(module: MixturePDE, data: CohortTensors, summary: Gui
 
 def subtype_log_probs(log_evidence: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """log p(subtype = k | x_i) from per-component log evidences (N, K) and weights (K,)."""
-    joint = log_evidence + torch.log(weights)
+    joint = log_evidence.double() + torch.log(weights.double())
     return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
 
 

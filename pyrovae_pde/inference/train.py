@@ -126,7 +126,7 @@ def train(module: MixturePDE, data: CohortTensors, config: TrainConfig = TrainCo
     sleep_optimizer = torch.optim.Adam(module.encoder.parameters(), lr=config.learning_rate)
     if resume and payload.get("sleep_optimizer"):
         sleep_optimizer.load_state_dict(payload["sleep_optimizer"])
-    generator = torch.Generator().manual_seed(config.seed + 7919 * state.epoch)
+    generator = torch.Generator().manual_seed(config.seed)
 
     def sleep_step() -> float:
         pick = torch.randint(n_train, (config.sleep_batch_size,), generator=generator).to(device)
@@ -148,11 +148,17 @@ def train(module: MixturePDE, data: CohortTensors, config: TrainConfig = TrainCo
     bar = tqdm(range(state.epoch, config.epochs), desc="fit", unit="epoch", disable=not config.progress,
                initial=state.epoch, total=config.epochs)
     for epoch in bar:
+        generator.manual_seed(config.seed + 7919 * (epoch + 1))  # per epoch, so resuming repeats it exactly
         perm = torch.randperm(n_train, generator=generator)
         epoch_loss = 0.0
         for start in range(0, n_train, config.batch_size):
             idx = perm[start:start + config.batch_size].to(device)
-            loss = svi.step(train_data.signal[idx], train_data.times[idx], train_data.observed[idx], idx, n_train)
+            try:
+                loss = svi.step(train_data.signal[idx], train_data.times[idx], train_data.observed[idx], idx, n_train)
+            except ValueError as exc:  # Pyro's validation of a distribution that received NaN/inf
+                if "invalid values" not in str(exc):
+                    raise
+                loss = math.nan
             if not math.isfinite(loss):
                 module.load_state_dict(best_state)
                 where = f"; the last good checkpoint is kept at {checkpoint}" if checkpoint else ""
@@ -181,7 +187,7 @@ def train(module: MixturePDE, data: CohortTensors, config: TrainConfig = TrainCo
             state.stopped_early = True
             break
     bar.close()
+    # The checkpoint keeps the last epoch's state (what --resume continues from); the module
+    # returned holds the best held-out epoch's parameters.
     module.load_state_dict(best_state)
-    if checkpoint is not None:
-        _save_checkpoint(checkpoint, module, optimizer, sleep_optimizer, state, best_state, config)
     return state

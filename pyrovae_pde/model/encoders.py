@@ -36,8 +36,9 @@ def visit_features(signal: torch.Tensor, times: torch.Tensor, observed: torch.Te
 class PosteriorHead(nn.Module):
     """Maps a feature vector to LogNormal (loc, scale) of D for K components and r for K_r of them.
 
-    Outputs are parameterised around the prior: loc = prior_loc + prior_scale * raw, so an
-    untrained encoder proposes the prior's centre.
+    Outputs are parameterised around the prior: loc = prior_loc + prior_scale * 6 tanh(raw / 6),
+    so an untrained encoder proposes the prior's centre and no output leaves +-6 prior sds
+    (which keeps every draw finite in float32).
     """
 
     def __init__(self, in_features: int, n_components: int, n_rate_components: int,
@@ -51,7 +52,7 @@ class PosteriorHead(nn.Module):
             self.net[-1].weight.mul_(0.3)
             self.net[-1].bias.zero_()
             n_loc = n_components + n_rate_components
-            self.net[-1].bias[n_loc:] = math.log(0.3)
+            self.net[-1].bias[n_loc:] = 0.0  # start at the prior scale
         prior_loc = [d_prior[0]] * n_components + [r_prior[0]] * n_rate_components
         prior_scale = [d_prior[1]] * n_components + [r_prior[1]] * n_rate_components
         self.register_buffer("prior_loc", torch.tensor(prior_loc))
@@ -61,7 +62,7 @@ class PosteriorHead(nn.Module):
         """features (B, F) -> (d_loc (B, K), d_scale (B, K), r_loc (B, K_r), r_scale (B, K_r)) in log space."""
         raw = self.net(features)
         n_loc = self.k + self.k_rate
-        loc = self.prior_loc + self.prior_scale * raw[:, :n_loc]
+        loc = self.prior_loc + self.prior_scale * 6.0 * torch.tanh(raw[:, :n_loc] / 6.0)
         scale = self.prior_scale * torch.exp(raw[:, n_loc:].clamp(-9.0, 1.0))
         return loc[:, : self.k], scale[:, : self.k], loc[:, self.k:], scale[:, self.k:]
 

@@ -97,13 +97,15 @@ class MixturePDE(nn.Module):
         """u0 (B, n), times (B, T), diffusivity (B, K), reaction (B, K_r) -> fields (B, K, T, n)."""
         full = self.full_reaction(reaction, diffusivity)
         return solve_active(self.domain, u0, times, diffusivity, full, self.terms, method="auto",
-                            reaction_step=self.reaction_step, max_steps=MAX_STEPS_PER_INTERVAL)
+                            reaction_step=self.reaction_step, max_steps=MAX_STEPS_PER_INTERVAL,
+                            rate_floor=self.priors.reaction.high if self.rate_index else 0.0)
 
     # ---------------------------------------------------------------- model and guide
     def _plates(self, n_total: int | None, batch: int, index: torch.Tensor | None, device):
         subjects = pyro.plate("subjects", n_total or batch, subsample=index, dim=SUBJECT_DIM, device=device)
         components = pyro.plate("components", self.n_components, dim=COMPONENT_DIM, device=device)
-        rates = pyro.plate("rate_components", len(self.rate_index), dim=COMPONENT_DIM, device=device)
+        rates = (pyro.plate("rate_components", len(self.rate_index), dim=COMPONENT_DIM, device=device)
+                 if self.rate_index else None)
         return subjects, components, rates
 
     def model(self, signal: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,

@@ -64,12 +64,14 @@ def solve_active(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusiv
                  reaction: torch.Tensor, reactions: Sequence[str | ReactionTerm] = ("fisher_kpp",),
                  method: str = "auto", reaction_step: float = DEFAULT_REACTION_STEP,
                  rtol: float = 1e-6, atol: float = 1e-8, adjoint: bool = False,
-                 max_steps: int | None = None) -> torch.Tensor:
+                 max_steps: int | None = None, rate_floor: float | None = None) -> torch.Tensor:
     """Solve on active nodes: u0 (N, n_nodes), times (N, T), diffusivity/reaction (N, K).
 
     Returns (N, K, T, n_nodes); entry [:, :, 0] is u0. Times in the unit of the rates; D in
-    (length unit)^2 per time unit, r per time unit. ``max_steps`` caps the spectral method's
-    steps per visit interval (accuracy then degrades for the largest r*dt only).
+    (length unit)^2 per time unit, r per time unit. Spectral steps per visit interval are
+    ceil(interval * max(r_i, rate_floor) / reaction_step) per subject; ``rate_floor=None`` uses the
+    batch's largest rate, a fixed floor makes each subject's result independent of its batch.
+    ``max_steps`` caps the steps per interval (accuracy then degrades for the largest r*dt only).
     """
     terms = _resolve_reactions(reactions)
     _check(domain, u0, times, diffusivity, reaction, len(terms))
@@ -82,7 +84,8 @@ def solve_active(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusiv
     if method == "auto":
         method = "spectral" if domain.n_nodes <= SPECTRAL_MAX_NODES else "dopri5"
     if method == "spectral":
-        return _solve_spectral(domain, u0, tau, diffusivity, reaction, terms, reaction_step, max_steps)
+        return _solve_spectral(domain, u0, tau, diffusivity, reaction, terms, reaction_step, max_steps,
+                               rate_floor)
     return _solve_odeint(domain, u0, tau, diffusivity, reaction, terms, method, rtol, atol, adjoint)
 
 
@@ -124,28 +127,37 @@ def _reaction_flow(terms: list[ReactionTerm], u: torch.Tensor, s: torch.Tensor) 
 
 def _solve_spectral(domain: Domain, u0: torch.Tensor, tau: torch.Tensor, diffusivity: torch.Tensor,
                     reaction: torch.Tensor, terms: list[ReactionTerm], reaction_step: float,
-                    max_steps: int | None = None) -> torch.Tensor:
+                    max_steps: int | None = None, rate_floor: float | None = None) -> torch.Tensor:
     evals, evecs = domain.eigh(u0.dtype, u0.device)  # (n,), (n, n)
     n_sub, n_comp = diffusivity.shape
     has_rate = torch.tensor([t.has_rate for t in terms], device=u0.device, dtype=u0.dtype)
     rate = reaction * has_rate  # (N, K); zero for rate-free components
     u = u0.unsqueeze(1).expand(n_sub, n_comp, u0.shape[-1])  # (N, K, n)
     outputs = [u]
-    max_rate = float(rate.detach().abs().max()) if rate.numel() else 0.0
+    # Step counts are per subject, from max(its own largest rate, rate_floor). With a fixed
+    # rate_floor a subject's solution does not depend on which other subjects share its batch;
+    # by default the floor is the batch's largest rate (every subject gets the finest steps).
+    subject_rate = rate.detach().abs().amax(dim=1)  # (N,)
+    if rate_floor is None:
+        rate_floor = float(subject_rate.max()) if n_sub else 0.0
+    subject_rate = subject_rate.clamp(min=rate_floor)
     for j in range(tau.shape[1] - 1):
-        interval = tau[:, j + 1] - tau[:, j]  # (N,)
-        longest = float(interval.max())
-        n_steps = max(1, math.ceil(longest * max_rate / reaction_step)) if longest > 0 else 0
+        interval = (tau[:, j + 1] - tau[:, j]).detach()  # (N,)
+        n_steps = torch.ceil(interval * subject_rate / reaction_step).clamp(min=1)
+        n_steps = torch.where(interval > 0, n_steps, torch.zeros_like(n_steps))
         if max_steps is not None:
-            n_steps = min(n_steps, max_steps)
-        if n_steps:
-            dt = (interval / n_steps)[:, None, None]  # (N, 1, 1)
+            n_steps = n_steps.clamp(max=max_steps)
+        most = int(n_steps.max()) if n_sub else 0
+        if most:
+            dt = (tau[:, j + 1] - tau[:, j]) / n_steps.clamp(min=1)  # (N,)
+            dt = dt[:, None, None]  # (N, 1, 1)
             decay = torch.exp(-diffusivity[..., None] * evals * dt)  # (N, K, n)
             half_s = 0.5 * rate[..., None] * dt  # (N, K, 1)
-            for _ in range(n_steps):
-                u = _reaction_flow(terms, u, half_s)
-                u = ((u @ evecs) * decay) @ evecs.T
-                u = _reaction_flow(terms, u, half_s)
+            for m in range(most):
+                stepped = _reaction_flow(terms, u, half_s)
+                stepped = ((stepped @ evecs) * decay) @ evecs.T
+                stepped = _reaction_flow(terms, stepped, half_s)
+                u = stepped if m < int(n_steps.min()) else torch.where((m < n_steps)[:, None, None], stepped, u)
         outputs.append(u)
     return torch.stack(outputs, dim=2)  # (N, K, T, n)
 
