@@ -35,7 +35,7 @@ def grid_data():
 
 @pytest.fixture(scope="module")
 def graph_cohorts():
-    return (simulate("graph", 120, seed=11, noise_sd=0.02),
+    return (simulate("graph", 160, seed=11, noise_sd=0.02),
             simulate("graph", 100, seed=12, noise_sd=0.02))
 
 
@@ -43,7 +43,7 @@ def graph_cohorts():
 def graph_model(graph_cohorts):
     train_ds, _ = graph_cohorts
     return SubtypeModel(("diffusion", "fisher_kpp"), priors=GRAPH_PRIORS).fit(
-        train_ds, epochs=8, seed=0, warmup_sleep_steps=300, progress=False)
+        train_ds, epochs=15, seed=0, warmup_sleep_steps=300, progress=False)
 
 
 def _module(domain, components=COMPONENTS, n_visits=3):
@@ -224,7 +224,7 @@ def test_graph_fit_recovers_subtypes_and_parameters_on_new_subjects(graph_model,
     from pyrovae_pde.inference.evaluation import recovery_metrics
 
     m = recovery_metrics(post, test_ds)
-    # Small-scale smoke of learning (120 subjects, 8 epochs); full-scale targets are benchmarked.
+    # Small scale (160 subjects, 15 epochs); the full-scale targets are in benchmarks/RESULTS.md.
     assert m["accuracy"] >= 0.8
     assert m["spearman_diffusivity"] >= 0.7
     assert np.allclose(post["subtype_prob"].sum("subtype"), 1.0)

@@ -7,7 +7,8 @@ Generative model, for subjects i = 1..N and components k = 1..K::
     diffusivity[k,i] ~ LogNormal(prior_D)                                  # (K, N)
     reaction[k,i]    ~ LogNormal(prior_r)   for components with a rate     # (K_r, N)
     subtype[i]       ~ Categorical(weights)                                # enumerated, summed out
-    signal[i, j]     ~ Normal(u_k(t_ij), noise_scale),  k = subtype[i], j >= 1 observed visits
+    signal[i, j]     ~ Normal(u_k(t_ij), sqrt(noise_scale^2 + NOISE_FLOOR^2)),  k = subtype[i],
+                       j >= 1 observed visits
 
 where u_k solves du/dt = -D L u + r f_k(u) from the subject's first visit. The guide is amortized:
 an encoder maps all visits of a subject to LogNormal posteriors of every component's D and r.
@@ -36,6 +37,10 @@ MAX_PLATE_NESTING = 2
 # Caps the Strang steps per visit interval: only wild guide draws early in training (r*dt far
 # beyond the prior) reach it; their fields are saturated and their likelihood negligible anyway.
 MAX_STEPS_PER_INTERVAL = 200
+# The observation sd is sqrt(noise_scale^2 + NOISE_FLOOR^2). The floor stands for the solver's
+# own discretisation error (about 1e-3, see physics tests); it keeps noise-free data well posed
+# instead of letting the inferred noise collapse until every subtype's likelihood underflows.
+NOISE_FLOOR = 1e-3
 
 
 class MixturePDE(nn.Module):
@@ -134,7 +139,8 @@ class MixturePDE(nn.Module):
                                   infer={"enumerate": "parallel"})  # (B,), or (K, 1, 1) when enumerated
             loc = Vindex(fields)[subtype, torch.arange(batch, device=device)]  # (B, T, n) / (K, 1, B, T, n)
             later = observed[:, 1:, None]  # (B, T-1, 1): likelihood over later observed visits only
-            pyro.sample("signal", dist.Normal(loc[..., 1:, :], noise).mask(later).to_event(2),
+            sd = torch.sqrt(noise ** 2 + NOISE_FLOOR ** 2)
+            pyro.sample("signal", dist.Normal(loc[..., 1:, :], sd).mask(later).to_event(2),
                         obs=signal[:, 1:])
         return subtype
 
@@ -220,4 +226,5 @@ class MixturePDE(nn.Module):
         mask = observed[:, None, 1:, None].to(signal.dtype)
         n_obs = mask.sum(dim=(2, 3)) * signal.shape[-1]
         sq = (resid ** 2 * mask).sum(dim=(2, 3))
-        return -0.5 * sq / noise ** 2 - n_obs * (torch.log(noise) + 0.5 * math.log(2 * math.pi))
+        var = noise ** 2 + NOISE_FLOOR ** 2
+        return -0.5 * sq / var - n_obs * (0.5 * torch.log(var) + 0.5 * math.log(2 * math.pi))

@@ -1,0 +1,108 @@
+"""Full-scale recovery, calibration, speed and memory of the mixture model (issue: the model).
+
+Scenarios (each trains on one seed and scores NEW subjects simulated with another seed):
+
+* ``paper-clean``: paper-grid, noise-free, 3 components.
+* ``paper-noisy``: paper-grid, noise sd 0.05 on visits after the first.
+* ``graph``: graph benchmark, 2-5 irregular visits, noise sd 0.02, diffusion + fisher_kpp.
+
+Also times ``predict`` on the new subjects and compares it per subject with the classic
+per-subject least-squares fit of each PDE (scipy ``least_squares`` on a sample of subjects).
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_model.py --scenario paper-clean --subjects 1000
+
+Peak memory is the process's maximum resident set size (``ru_maxrss``) at the end of the run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+from scipy.optimize import least_squares
+
+from pyrovae_pde.data import cohort_tensors, domain_from_dataset, simulate
+from pyrovae_pde.inference.evaluation import recovery_metrics
+from pyrovae_pde.interfaces.api import SubtypeModel
+from pyrovae_pde.physics import solve_active
+
+SCENARIOS = {
+    "paper-clean": dict(benchmark="paper-grid", noise_sd=0.0, components=("fisher_kpp", "saturating", "zeldovich"),
+                        priors=None),
+    "paper-noisy": dict(benchmark="paper-grid", noise_sd=0.05, components=("fisher_kpp", "saturating", "zeldovich"),
+                        priors=None),
+    "graph": dict(benchmark="graph", noise_sd=0.02, components=("diffusion", "fisher_kpp"),
+                  priors={"diffusivity": (0.05, 1.0), "reaction": (0.1, 1.0)}),
+}
+
+
+def classic_fit_seconds_per_subject(ds, components, n_subjects: int = 5) -> float:
+    """Per-subject least squares of every component's (log D, log r) from the prior centre."""
+    domain = domain_from_dataset(ds)
+    data = cohort_tensors(ds, domain, dtype=torch.float64)
+    start = time.perf_counter()
+    for i in range(n_subjects):
+        sl = slice(i, i + 1)
+        for name in components:
+            def residual(theta):
+                d = torch.tensor([[np.exp(theta[0])]], dtype=torch.float64)
+                r = torch.tensor([[np.exp(theta[1])]], dtype=torch.float64)
+                field = solve_active(domain, data.signal[sl, 0], data.times[sl], d, r, (name,), method="dopri5",
+                                     rtol=1e-5, atol=1e-7)
+                mask = data.observed[sl, 1:, None]
+                return ((field[0, 0, 1:] - data.signal[sl, 1:][0]) * mask[0]).reshape(-1).numpy()
+
+            least_squares(residual, x0=np.log([0.1, 0.03]), method="trf", xtol=1e-6)
+    return (time.perf_counter() - start) / n_subjects
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), required=True)
+    parser.add_argument("--subjects", type=int, default=1000, help="training subjects")
+    parser.add_argument("--test-subjects", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classic-subjects", type=int, default=3, help="subjects timed for the classic fit")
+    parser.add_argument("--json", help="write the figures here too")
+    args = parser.parse_args(argv)
+    sc = SCENARIOS[args.scenario]
+
+    train_ds = simulate(sc["benchmark"], args.subjects, seed=args.seed + 100, noise_sd=sc["noise_sd"],
+                        components=sc["components"])
+    test_ds = simulate(sc["benchmark"], args.test_subjects, seed=args.seed + 200, noise_sd=sc["noise_sd"],
+                       components=sc["components"])
+    model = SubtypeModel(sc["components"], priors=sc["priors"])
+    start = time.perf_counter()
+    model.fit(train_ds, epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty())
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    post = model.posterior(test_ds)
+    predict_s = time.perf_counter() - start
+    metrics = recovery_metrics(post, test_ds)
+    classic_s = classic_fit_seconds_per_subject(test_ds, sc["components"], args.classic_subjects)
+    result = {
+        "scenario": args.scenario, "train_subjects": args.subjects, "test_subjects": args.test_subjects,
+        "epochs_run": model.history_.epoch, "best_epoch": model.history_.best_epoch,
+        "fit_seconds": round(fit_s, 1), "predict_seconds": round(predict_s, 2),
+        "predict_ms_per_subject": round(1000 * predict_s / args.test_subjects, 3),
+        "classic_fit_s_per_subject": round(classic_s, 2),
+        "speedup_per_subject_vs_classic": round(classic_s / (predict_s / args.test_subjects), 1),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
+        "torch_threads": torch.get_num_threads(),
+        **{k: round(v, 4) for k, v in metrics.items()},
+        "weights": {str(k): round(float(v), 3) for k, v in zip(post["subtype"].values, post["weights"].values)},
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
