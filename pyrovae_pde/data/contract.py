@@ -173,6 +173,10 @@ def grid_spacing(ds: xr.Dataset, fail: Callable[[str], ContractError] | None = N
     fail = fail or (lambda m: ContractError(f"{IN_MEMORY}: {m}"))
     spacings = []
     for dim in ds["signal"].dims[2:]:
+        if dim not in ds.variables:
+            # Without this, xarray supplies 0, 1, 2, ... and the axis would silently get 1 mm spacing.
+            raise fail(f"coordinate {dim!r} is missing; give the cell positions along {dim!r} in mm "
+                       "(their step is the grid spacing)")
         coord = np.asarray(ds[dim].values, dtype=float)
         if coord.size < 2:
             raise fail(f"coordinate {dim!r} needs at least 2 points to define the grid spacing")
@@ -238,6 +242,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     A failure leaves any existing ``path`` untouched and no temporary file behind.
     """
     path = Path(path)
+    if path.is_dir():
+        # os.replace would fail only after the whole write, with an OSError the CLI does not expect.
+        raise FileExistsError(f"{path} is a directory; give the path of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
