@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = (
     "pyrovae_pde.interfaces.cli_data",
     "pyrovae_pde.interfaces.cli_model",
     "pyrovae_pde.interfaces.cli_imaging",
+    "pyrovae_pde.interfaces.cli_analysis",
 )
 
 

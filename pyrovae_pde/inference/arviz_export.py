@@ -1,0 +1,229 @@
+"""Export a fitted mixture's posterior to ArviZ (InferenceData on arviz 0.2x, DataTree on 1.x).
+
+Groups (one chain; ``draw`` indexes posterior draws of the globals):
+
+* ``posterior``: ``weights`` (component), ``noise_scale``, ``diffusivity`` (subject, component),
+  ``reaction`` (subject, rate_component: components that have a rate), ``subtype_prob``
+  (subject, component). Per-subject parameters are conditional on the subtype: draw g holds a
+  draw of (D, r) from p(D, r | x_i, subtype = k, globals_g) for every component k.
+* ``posterior_predictive``: ``signal`` (subject, visit, node): replicated visits, the subtype
+  drawn from its posterior (not the prior), observation noise added to the later visits; visit
+  0 is the conditioning initial field; missing visits are NaN.
+* ``log_likelihood``: ``signal`` (subject): log p(x_i | globals_g) with the subject's latents
+  and subtype integrated out (see ``evidence``), the input of ``az.loo``/``az.compare``.
+* ``observed_data``: ``signal`` (subject, visit, node), NaN at missing visits; ``constant_data``:
+  ``time`` (subject, visit).
+
+On grids, ``node`` runs over the active voxels; its coordinate is the flat index into the grid
+(``attrs["spatial_shape"]`` holds the grid's shape). The posterior's attributes record the
+log evidence, its SE, the ELBO and the number of particles.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .evidence import ModelEvidence, model_evidence
+
+
+def arviz_major() -> int:
+    import arviz as az
+
+    return int(str(az.__version__).split(".")[0])
+
+
+def from_dict(groups: dict[str, dict], coords: dict, dims: dict, attrs: dict[str, dict] | None = None):
+    """``az.from_dict`` across ArviZ versions: keyword groups on 0.x, one dict of groups on 1.x."""
+    import arviz as az
+
+    attrs = attrs or {}
+    if arviz_major() >= 1:
+        return az.from_dict(groups, coords=coords, dims=dims, attrs={g: a for g, a in attrs.items() if g in groups})
+    idata = az.from_dict(**groups, coords=coords, dims=dims)
+    for group, values in attrs.items():
+        if group in groups:
+            getattr(idata, group).attrs.update(values)
+    return idata
+
+
+def save_inference_data(idata, path: str | os.PathLike) -> Path:
+    """Write an InferenceData/DataTree to NetCDF (h5netcdf) atomically."""
+    from ..data.contract import atomic_write
+
+    return atomic_write(path, lambda tmp: idata.to_netcdf(tmp, engine="h5netcdf"))  # both versions
+
+
+def replicate_signal(evidence: ModelEvidence, data, posterior, seed: int = 0) -> np.ndarray:
+    """Posterior predictive replicates (G, N, T, n) on active nodes from kept particle fields."""
+    stats = evidence.stats
+    if stats.fields is None:
+        raise ValueError("the particle fields were not kept: compute the evidence with keep_fields=True")
+    g, n = posterior.subtype.shape
+    subj = torch.arange(n)[None, :].expand(g, n)
+    k = posterior.subtype
+    p = torch.gather(posterior.particle, 2, k[..., None])[..., 0]  # particle of the drawn subtype
+    fields = stats.fields[p, subj, k]  # (G, N, T, n)
+    generator = torch.Generator().manual_seed(seed + 32452843)
+    noise = evidence.draws.noise.to(torch.float32)[:, None, None, None]
+    rep = fields.clone()
+    rep[:, :, 1:] += noise * torch.randn(rep[:, :, 1:].shape, generator=generator)
+    observed = data.observed[None, :, :, None].expand_as(rep)
+    rep = torch.where(observed, rep, torch.full_like(rep, float("nan")))
+    rep[:, :, 0] = data.signal[None, :, 0].to(rep.dtype)
+    return rep.numpy()
+
+
+def to_inference_data(model, ds: xr.Dataset, n_draws: int = 100, n_particles: int = 32, seed: int = 0,
+                      evidence: ModelEvidence | None = None, predictive: bool = True, elbo_repeats: int = 4,
+                      source: str = "<dataset>"):
+    """An InferenceData (arviz 0.x) / DataTree (arviz 1.x) of a fitted ``SubtypeModel`` on ``ds``.
+
+    ``evidence``: a precomputed ``model_evidence`` (with ``keep_fields=True`` when
+    ``predictive``); otherwise computed here with ``n_particles`` particles and ``n_draws`` draws.
+    """
+    module = model._require_fitted()
+    data = model._tensors(ds, source)
+    if evidence is None:
+        evidence = model_evidence(module, data, n_particles=n_particles, n_draws=n_draws, seed=seed,
+                                  keep_fields=predictive, elbo_repeats=elbo_repeats)
+    stats, draws = evidence.stats, evidence.draws
+    post = evidence.posterior_draws(seed)
+    g, n = post.subtype.shape
+    components = list(module.components)
+    rate = module.rate_index
+    idx_s = torch.arange(n)[None, :, None]
+    idx_k = torch.arange(len(components))[None, None, :]
+    diffusivity = stats.diffusivity[post.particle, idx_s, idx_k]  # (G, N, K)
+    reaction = stats.reaction[post.particle, idx_s, idx_k][..., rate]  # (G, N, K_r)
+
+    subjects = np.array(data.subjects, dtype=object)
+    domain = model.domain_
+    if domain.kind == "grid":
+        nodes = np.asarray(domain.active_index, dtype=np.int64)
+    else:
+        nodes = np.array([str(v) for v in ds["node"].values], dtype=object) if "node" in ds.coords \
+            else np.arange(domain.n_nodes)
+    n_visits = data.signal.shape[1]
+    coords = {"subject": subjects, "component": np.array(components, dtype=object),
+              "rate_component": np.array([components[k] for k in rate], dtype=object),
+              "visit": np.arange(n_visits), "node": nodes}
+    dims = {"weights": ["component"], "noise_scale": [], "diffusivity": ["subject", "component"],
+            "reaction": ["subject", "rate_component"], "subtype_prob": ["subject", "component"],
+            "signal": ["subject", "visit", "node"], "time": ["subject", "visit"]}
+    posterior = {"weights": draws.weights.numpy()[None], "noise_scale": draws.noise.numpy()[None],
+                 "diffusivity": diffusivity.numpy()[None], "subtype_prob": post.subtype_log_prob.exp().numpy()[None]}
+    if rate:
+        posterior["reaction"] = reaction.numpy()[None]
+    observed = data.signal.numpy().astype(np.float64).copy()
+    observed[~data.observed.numpy()] = np.nan
+    groups = {"posterior": posterior,
+              "log_likelihood": {"signal": evidence.pointwise.numpy()[None]},
+              "observed_data": {"signal": observed},
+              "constant_data": {"time": data.times.numpy().astype(np.float64)}}
+    if predictive:
+        groups["posterior_predictive"] = {"signal": replicate_signal(evidence, data, post, seed)[None]}
+    attrs = {"posterior": {"model_components": ",".join(components), "log_evidence": evidence.log_evidence,
+                           "log_evidence_se": evidence.log_evidence_se, "elbo": evidence.elbo,
+                           "elbo_se": evidence.elbo_se, "n_particles": stats.n_particles,
+                           "proposal": stats.proposal, "ess_globals": evidence.ess_globals,
+                           "globals": "Laplace approximation of p(weights, noise | data), latents integrated out",
+                           "domain": domain.kind, "spatial_shape": list(domain.spatial_shape)},
+             "log_likelihood": {"description": "log p(subject's data | globals), subject latents and subtype "
+                                               "integrated out by importance sampling"}}
+    return from_dict(groups, coords, dims, attrs)
+
+
+# --------------------------------------------------------------------------- model comparison
+PARETO_K_MAX = 0.7
+COMPARISON_COLUMNS = ["model", "n_components", "elbo", "log_evidence", "log_evidence_se", "elpd_loo",
+                      "elpd_loo_se", "p_loo", "max_pareto_k", "rank"]
+
+
+def _loo_values(loo) -> dict:
+    """elpd, se, p and Pareto k of an ``az.loo`` result (arviz 0.x ELPDData or 1.x)."""
+    def get(*names):
+        for name in names:
+            try:
+                value = loo[name]
+            except (KeyError, TypeError, IndexError):
+                value = getattr(loo, name, None)
+            if value is not None:
+                return value
+        raise KeyError(names[0])
+
+    k = np.asarray(get("pareto_k"), dtype=float).ravel()
+    return {"elpd_loo": float(get("elpd_loo", "elpd")), "elpd_loo_se": float(get("se")),
+            "p_loo": float(get("p_loo", "p")), "pareto_k": k}
+
+
+def loo_inference_data(evidence: ModelEvidence):
+    """The small InferenceData ``az.loo``/``az.compare`` need: globals and the pointwise marginals."""
+    draws = evidence.draws
+    coords = {"subject": np.array(evidence.subjects, dtype=object),
+              "component": np.array(evidence.components, dtype=object)}
+    dims = {"weights": ["component"], "signal": ["subject"]}
+    return from_dict({"posterior": {"weights": draws.weights.numpy()[None], "noise_scale": draws.noise.numpy()[None]},
+                      "log_likelihood": {"signal": evidence.pointwise.numpy()[None]}}, coords, dims)
+
+
+def compare_models(models: dict, ds: xr.Dataset, n_particles: int = 32, n_draws: int = 200, seed: int = 0,
+                   elbo_repeats: int = 4, source: str = "<dataset>"):
+    """Compare fitted ``SubtypeModel`` s (name -> model) on one cohort.
+
+    Returns (table, evidences): the table has the columns of ``comparison.csv``
+    (``COMPARISON_COLUMNS``; rank 1 = best elpd_loo, from ``az.compare``) plus ``elpd_diff`` and
+    ``elpd_diff_se`` (from ``az.compare``: paired over subjects) and ``log_evidence_diff`` and
+    ``log_evidence_diff_se`` (independent MC errors added in quadrature), both against the
+    rank-1 model, and ``pareto_k_ok_fraction`` (subjects with k <= 0.7). A warning names models
+    whose Pareto k exceeds 0.7 for some subjects.
+    """
+    import warnings
+
+    import arviz as az
+    import pandas as pd
+
+    if len(models) < 1:
+        raise ValueError("give at least one model to compare")
+    evidences, idatas, rows = {}, {}, {}
+    for name, model in models.items():
+        module = model._require_fitted()
+        data = model._tensors(ds, source)
+        ev = model_evidence(module, data, n_particles=n_particles, n_draws=n_draws, seed=seed,
+                            elbo_repeats=elbo_repeats)
+        evidences[name] = ev
+        idatas[name] = loo_inference_data(ev)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loo = _loo_values(az.loo(idatas[name], pointwise=True))
+        k = loo.pop("pareto_k")
+        bad = int((k > PARETO_K_MAX).sum())
+        if bad:
+            warnings.warn(f"model {name}: {bad} of {k.size} subjects have Pareto k > {PARETO_K_MAX}; their "
+                          "LOO estimates are unreliable (more particles or draws may help)", stacklevel=2)
+        rows[name] = {"model": name, "n_components": len(model.components), "elbo": ev.elbo,
+                      "log_evidence": ev.log_evidence, "log_evidence_se": ev.log_evidence_se, **loo,
+                      "max_pareto_k": float(k.max()), "pareto_k_ok_fraction": float((k <= PARETO_K_MAX).mean()),
+                      "elbo_se": ev.elbo_se}
+    if len(models) > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cmp = az.compare(idatas, ic="loo")
+        for name in cmp.index:
+            rows[name]["rank"] = int(cmp.loc[name, "rank"]) + 1
+            rows[name]["elpd_diff"] = float(cmp.loc[name, "elpd_diff"])
+            rows[name]["elpd_diff_se"] = float(cmp.loc[name, "dse"])
+            rows[name]["stacking_weight"] = float(cmp.loc[name, "weight"])
+    else:
+        only = next(iter(rows))
+        rows[only].update(rank=1, elpd_diff=0.0, elpd_diff_se=0.0, stacking_weight=1.0)
+    table = pd.DataFrame(list(rows.values())).sort_values("rank", ignore_index=True)
+    best = table.iloc[0]
+    table["log_evidence_diff"] = best["log_evidence"] - table["log_evidence"]
+    table["log_evidence_diff_se"] = np.where(table.index == 0, 0.0,
+                                             np.sqrt(best["log_evidence_se"] ** 2 + table["log_evidence_se"] ** 2))
+    extra = [c for c in table.columns if c not in COMPARISON_COLUMNS]
+    return table[COMPARISON_COLUMNS + extra], evidences
