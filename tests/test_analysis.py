@@ -95,7 +95,7 @@ def test_pointwise_marginal_matches_brute_force():
     draws = ev.GlobalDraws(w, noise, torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
     got = ev.pointwise_log_likelihood(stats, draws)
     for gi in range(2):
-        s = float(noise[gi])
+        s = math.hypot(float(noise[gi]), ev.NOISE_FLOOR)  # the model's observation sd
         for i in range(4):
             total = 0.0
             for k in range(2):
@@ -111,6 +111,20 @@ def test_pointwise_marginal_matches_brute_force():
     sub = ev.pointwise_log_likelihood(stats, ev.GlobalDraws(torch.ones(2, 1, dtype=torch.float64), noise,
                                                             draws.log_q, draws.log_prior), subset=(1,))
     assert torch.allclose(sub, ev.component_log_evidence(stats, noise)[..., 1])
+
+
+def test_particle_likelihood_matches_the_model(mix_data, mix_models):
+    """The sufficient statistics reproduce MixturePDE.log_likelihood_components exactly."""
+    model = mix_models[MIX]
+    data = model._tensors(mix_data[1], "mix").subset(np.arange(6)).to("cpu", torch.float64)
+    stats = ev.particle_stats(model.module_, data, n_particles=3, seed=2, proposal="guide")
+    noise = torch.tensor(0.03, dtype=torch.float64)
+    for p in range(3):
+        rate = model.module_.rate_index
+        expected = model.module_.log_likelihood_components(
+            data.signal, data.times, data.observed, stats.diffusivity[p], stats.reaction[p][:, rate], noise)
+        got = ev._loglik(stats, noise[None])[0, p] - stats.log_ratio[p]
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-6)
 
 
 def test_evidence_repeats_agree_within_their_standard_errors(mix_data, mix_models):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .evidence import ModelEvidence, model_evidence
+from .evidence import ModelEvidence, model_evidence, observation_sd
 
 
 def arviz_major() -> int:
@@ -68,7 +68,7 @@ def replicate_signal(evidence: ModelEvidence, data, posterior, seed: int = 0) ->
     p = torch.gather(posterior.particle, 2, k[..., None])[..., 0]  # particle of the drawn subtype
     fields = stats.fields[p, subj, k]  # (G, N, T, n)
     generator = torch.Generator().manual_seed(seed + 32452843)
-    noise = evidence.draws.noise.to(torch.float32)[:, None, None, None]
+    noise = observation_sd(evidence.draws.noise).to(torch.float32)[:, None, None, None]
     rep = fields.clone()
     rep[:, :, 1:] += noise * torch.randn(rep[:, :, 1:].shape, generator=generator)
     observed = data.observed[None, :, :, None].expand_as(rep)

@@ -45,11 +45,18 @@ import torch
 from torch.nn.functional import softplus
 
 from ..data.cohort import CohortTensors
+from ..model import module as _module_def
 from ..model.module import MixturePDE
 from .posterior import encode_cohort
 
 DTYPE = torch.float64
 LOG_2PI = math.log(2 * math.pi)
+NOISE_FLOOR = float(getattr(_module_def, "NOISE_FLOOR", 0.0))
+
+
+def observation_sd(noise):
+    """The model's observation sd for noise scale ``noise``: sqrt(noise^2 + NOISE_FLOOR^2)."""
+    return (noise ** 2 + NOISE_FLOOR ** 2) ** 0.5
 
 
 # --------------------------------------------------------------------------- particles
@@ -83,7 +90,7 @@ class ParticleStats:
 
     def log_weights(self, noise: float) -> torch.Tensor:
         """Unnormalised log importance weights (P, N, K) of the particles at noise sd ``noise``."""
-        s = torch.tensor(float(noise), dtype=DTYPE)
+        s = observation_sd(torch.tensor(float(noise), dtype=DTYPE))
         return -0.5 * self.sse / s ** 2 - self.n_obs[:, None] * (torch.log(s) + 0.5 * LOG_2PI) + self.log_ratio
 
     def ess(self, noise: float | None = None) -> torch.Tensor:
@@ -151,7 +158,8 @@ class Proposal:
 
 def guide_proposal(module: MixturePDE, data: CohortTensors) -> Proposal:
     """The amortized guide as proposal (what ``posterior.component_log_evidence`` uses)."""
-    s = encode_cohort(module, data)
+    dtype = next(module.parameters()).dtype
+    s = encode_cohort(module, data.to(data.signal.device, dtype))
     has_rate = torch.zeros(module.n_components, dtype=torch.bool)
     has_rate[module.rate_index] = True
     return Proposal(s.d_loc.to(DTYPE), s.d_scale.to(DTYPE), s.r_loc.to(DTYPE), s.r_scale.to(DTYPE), has_rate)
@@ -187,7 +195,7 @@ def laplace_proposal(module: MixturePDE, data: CohortTensors, n_iter: int = 10, 
     n, k = guide.d_loc.shape
     if batch_size is None:
         batch_size = max(1, int(4e6 // (k * data.signal.shape[1] * data.signal.shape[2])))
-    sigma = float(torch.exp(module.noise_loc.detach()))
+    sigma = float(observation_sd(torch.exp(module.noise_loc.detach())))
     rate_f = has_rate.to(DTYPE)
     a_all = guide.d_loc.clone()
     b_all = torch.where(has_rate, guide.r_loc, torch.zeros_like(guide.r_loc)).clone()
@@ -401,7 +409,7 @@ def _loglik(stats: ParticleStats, noise: torch.Tensor, components: list[int] | N
     sse, ratio = stats.sse, stats.log_ratio
     if components is not None:
         sse, ratio = sse[..., components], ratio[..., components]
-    s = noise[:, None, None, None]
+    s = observation_sd(noise[:, None, None, None])
     return -0.5 * sse / s ** 2 - stats.n_obs[:, None] * (torch.log(s) + 0.5 * LOG_2PI) + ratio
 
 
@@ -672,5 +680,5 @@ def conditional_log_likelihood(stats: ParticleStats, draws: GlobalDraws, posteri
     k = posterior.subtype
     p = torch.gather(posterior.particle, 2, k[..., None])[..., 0]
     sse = stats.sse[p, subj, k]
-    s = draws.noise[:, None]
+    s = observation_sd(draws.noise[:, None])
     return -0.5 * sse / s ** 2 - stats.n_obs[None, :] * (torch.log(s) + 0.5 * LOG_2PI)

@@ -20,7 +20,7 @@ import torch
 import xarray as xr
 
 from ..physics import solve_active
-from .evidence import DTYPE, model_evidence
+from .evidence import DTYPE, model_evidence, observation_sd
 
 QUANTILES = (0.05, 0.5, 0.95)
 
@@ -81,7 +81,7 @@ def forecast(model, ds: xr.Dataset, times, n_draws: int = 200, n_particles: int 
     diffusivity = stats.diffusivity[post.particle, idx_s, idx_k]  # (G, N, K)
     reaction = torch.nan_to_num(stats.reaction[post.particle, idx_s, idx_k], nan=0.0)
     generator = torch.Generator().manual_seed(seed + 49979687)
-    noise = draws.noise[:, None, None, None, None]  # (G, 1, 1, 1, 1)
+    noise = observation_sd(draws.noise)[:, None, None, None, None]  # (G, 1, 1, 1, 1)
     out = {name: np.zeros((n, m, nodes)) for name in ("mean", "q05", "q50", "q95")}
     out.update({name: np.zeros((n, m, k, nodes)) for name in ("mean_by_subtype", "q05_by_subtype", "q95_by_subtype")})
     batch = max(1, int(2e7 // (g * k * (m + 1) * nodes)))
