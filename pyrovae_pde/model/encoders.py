@@ -52,7 +52,7 @@ class PosteriorHead(nn.Module):
             self.net[-1].weight.mul_(0.3)
             self.net[-1].bias.zero_()
             n_loc = n_components + n_rate_components
-            self.net[-1].bias[n_loc:] = 0.0  # start at the prior scale
+            self.net[-1].bias[n_loc:] = 0.0  # start at the prior scale (see forward)
         prior_loc = [d_prior[0]] * n_components + [r_prior[0]] * n_rate_components
         prior_scale = [d_prior[1]] * n_components + [r_prior[1]] * n_rate_components
         self.register_buffer("prior_loc", torch.tensor(prior_loc))
@@ -63,7 +63,8 @@ class PosteriorHead(nn.Module):
         raw = self.net(features)
         n_loc = self.k + self.k_rate
         loc = self.prior_loc + self.prior_scale * 6.0 * torch.tanh(raw[:, :n_loc] / 6.0)
-        scale = self.prior_scale * torch.exp(raw[:, n_loc:].clamp(-9.0, 1.0))
+        # log(scale / prior_scale) in (-9, 1), smoothly (a hard clamp would trap it at a bound).
+        scale = self.prior_scale * torch.exp(-9.0 + 10.0 * torch.sigmoid(raw[:, n_loc:] + math.log(9.0)))
         return loc[:, : self.k], scale[:, : self.k], loc[:, self.k:], scale[:, self.k:]
 
 

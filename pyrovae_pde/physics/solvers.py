@@ -5,7 +5,8 @@ Two interchangeable methods share one signature:
 * ``"spectral"`` (default for domains up to ``SPECTRAL_MAX_NODES`` nodes): diffusion is solved
   exactly in the eigenbasis of L (u -> V exp(-D Lambda dt) V^T u), the pointwise reaction by its
   exact flow (or RK4), combined by second-order Strang splitting. The step count per visit
-  interval is chosen from the largest dimensionless reaction step r*dt in the batch.
+  interval is chosen from the dimensionless reaction step r*dt. Fields are kept in [0, 1], the
+  range of a normalised concentration that the exact solution never leaves.
 * any torchdiffeq method (``"dopri5"``, ``"rk4"``, ...): the method-of-lines system with the
   sparse Laplacian, integrated by ``torchdiffeq.odeint`` (or ``odeint_adjoint``) over the union
   of all subjects' visit times (relative to each subject's first visit).
@@ -155,7 +156,10 @@ def _solve_spectral(domain: Domain, u0: torch.Tensor, tau: torch.Tensor, diffusi
             half_s = 0.5 * rate[..., None] * dt  # (N, K, 1)
             for m in range(most):
                 stepped = _reaction_flow(terms, u, half_s)
-                stepped = ((stepped @ evecs) * decay) @ evecs.T
+                # Clamping to [0, 1] (the invariant range of the exact solution) removes float32
+                # round-off of the eigenbasis products, which the unstable equilibria of the
+                # reaction ODE (u = 0, and u = 1 for saturating terms) would otherwise amplify.
+                stepped = (((stepped @ evecs) * decay) @ evecs.T).clamp(0.0, 1.0)
                 stepped = _reaction_flow(terms, stepped, half_s)
                 u = stepped if m < int(n_steps.min()) else torch.where((m < n_steps)[:, None, None], stepped, u)
         outputs.append(u)
