@@ -95,7 +95,7 @@ class Domain:
             coo = self.laplacian.tocoo()
             index = torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.long)
             values = torch.as_tensor(coo.data, dtype=dtype)
-            tensor = torch.sparse_coo_tensor(index, values, coo.shape).coalesce()
+            tensor = torch.sparse_coo_tensor(index, values, coo.shape, check_invariants=True).coalesce()
             self._cache[key] = tensor.to(device)
         return self._cache[key]
 
