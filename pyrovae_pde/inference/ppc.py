@@ -178,9 +178,13 @@ def plot_ppc_figures(result: PPCResult, out_dir: str | os.PathLike, num_pp_sampl
         if not var_names:
             continue
         n_pp = min(num_pp_samples, result.replicated[name].shape[0])
-        axes = az.plot_ppc(idata, var_names=var_names, num_pp_samples=n_pp, random_seed=0,
-                           kind="kde" if name != "spread" else "cumulative")
-        fig = np.atleast_1d(axes).ravel()[0].figure
+        if hasattr(az, "plot_ppc"):  # arviz 0.x
+            axes = az.plot_ppc(idata, var_names=var_names, num_pp_samples=n_pp, random_seed=0,
+                               kind="kde" if name != "spread" else "cumulative")
+            fig = np.atleast_1d(axes).ravel()[0].figure
+        else:  # arviz 1.x (matplotlib backend)
+            plot = az.plot_ppc_dist(idata, var_names=var_names, num_samples=n_pp)
+            fig = plot.viz["chart"].item() if hasattr(plot, "viz") else plt.gcf()
         fig.suptitle(f"Posterior predictive check: {LABELS[name]} per subject (all later visits, then by visit)")
         path = out_dir / f"ppc_{name}.png"
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
