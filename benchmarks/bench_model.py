@@ -6,7 +6,7 @@ Scenarios (each trains on one seed and scores NEW subjects simulated with anothe
 * ``paper-noisy``: paper-grid, noise sd 0.05 on visits after the first.
 * ``graph``: graph benchmark, 2-5 irregular visits, noise sd 0.02, diffusion + fisher_kpp.
 
-Also times ``predict`` on the new subjects and compares it per subject with the classic
+Also times ``predict`` (default, Laplace-refined; and ``refine=False``) on the new subjects and compares it per subject with the classic
 per-subject least-squares fit of each PDE (scipy ``least_squares`` on a sample of subjects).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_model.py --scenario paper-clean --subjects 1000
@@ -51,8 +51,7 @@ def classic_fit_seconds_per_subject(ds, components, n_subjects: int = 5) -> floa
             def residual(theta):
                 d = torch.tensor([[np.exp(theta[0])]], dtype=torch.float64)
                 r = torch.tensor([[np.exp(theta[1])]], dtype=torch.float64)
-                field = solve_active(domain, data.signal[sl, 0], data.times[sl], d, r, (name,), method="dopri5",
-                                     rtol=1e-5, atol=1e-7)
+                field = solve_active(domain, data.signal[sl, 0], data.times[sl], d, r, (name,))
                 mask = data.observed[sl, 1:, None]
                 return ((field[0, 0, 1:] - data.signal[sl, 1:][0]) * mask[0]).reshape(-1).numpy()
 
@@ -81,6 +80,10 @@ def main(argv=None) -> int:
     model.fit(train_ds, epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty())
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
+    fast = model.posterior(test_ds, refine=False)
+    fast_s = time.perf_counter() - start
+    fast_metrics = recovery_metrics(fast, test_ds)
+    start = time.perf_counter()
     post = model.posterior(test_ds)
     predict_s = time.perf_counter() - start
     metrics = recovery_metrics(post, test_ds)
@@ -92,6 +95,9 @@ def main(argv=None) -> int:
         "predict_ms_per_subject": round(1000 * predict_s / args.test_subjects, 3),
         "classic_fit_s_per_subject": round(classic_s, 2),
         "speedup_per_subject_vs_classic": round(classic_s / (predict_s / args.test_subjects), 1),
+        "predict_no_refine_seconds": round(fast_s, 2),
+        "speedup_no_refine_vs_classic": round(classic_s / (fast_s / args.test_subjects), 1),
+        "no_refine_metrics": {k: round(v, 4) for k, v in fast_metrics.items()},
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
         "torch_threads": torch.get_num_threads(),
         **{k: round(v, 4) for k, v in metrics.items()},

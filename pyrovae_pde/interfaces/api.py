@@ -115,18 +115,19 @@ class SubtypeModel:
 
     # ------------------------------------------------------------------ posterior
     def posterior(self, ds: xr.Dataset, n_particles: int = 8, seed: int = 0, device: str = "cpu",
-                  source: str = "<dataset>") -> xr.Dataset:
+                  source: str = "<dataset>", refine: bool = True) -> xr.Dataset:
         """Posterior summary for the subjects of ``ds`` (any cohort on the fitted domain).
 
         Returns the posterior contract: ``subtype_prob`` (subject, subtype), ``diffusivity`` and
         ``reaction`` means with ``_sd``, ``_q05``, ``_q95`` (subject, subtype), ``weights`` (subtype).
+        ``refine=False`` skips the per-subject Laplace refinement (much faster, less accurate).
         """
         module = self._require_fitted()
         data = self._tensors(ds, source)
         dev = resolve_device(device)
         module.to(dev)
         try:
-            post = posterior_dataset(module, data.to(dev), n_particles=n_particles, seed=seed)
+            post = posterior_dataset(module, data.to(dev), n_particles=n_particles, seed=seed, refine=refine)
         finally:
             module.to("cpu")
         post.attrs["model_components"] = ",".join(self.components)

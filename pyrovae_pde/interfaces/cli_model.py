@@ -69,7 +69,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = SubtypeModel.load(args.run_dir)
     ds = load_dataset(args.data)
     start = time.perf_counter()
-    post = model.posterior(ds, n_particles=args.particles, seed=args.seed, device=args.device, source=str(args.data))
+    post = model.posterior(ds, n_particles=args.particles, seed=args.seed, device=args.device, source=str(args.data),
+                           refine=args.refine)
     atomic_write(args.out, lambda tmp: post.to_netcdf(tmp, engine="h5netcdf"))
     print(f"wrote {args.out}: posterior of {post.sizes['subject']} subjects over subtypes "
           f"{', '.join(model.components)} in {time.perf_counter() - start:.1f} s")
@@ -126,6 +127,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="contract NetCDF file (new or training subjects)")
     p.add_argument("--out", required=True, help="posterior NetCDF file")
     p.add_argument("--particles", type=int, default=8, help="importance samples per subject and subtype")
+    p.add_argument("--no-refine", dest="refine", action="store_false",
+                   help="skip the per-subject Laplace refinement of the guide (fast, amortized only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(handler=cmd_predict)
