@@ -153,23 +153,24 @@ def test_diffusion_component_has_no_reaction_site(grid_data):
 
 
 def test_sleep_warm_up_learns_the_parameters_of_simulated_subjects(grid_data):
-    """A short sleep phase already makes the encoder informative about D on fresh simulations."""
+    """A short sleep phase makes the encoder's D estimate track the truth on fresh simulations."""
+    from scipy.stats import spearmanr
+
     _, domain, data = grid_data
+    torch.manual_seed(0)
     module = MixturePDE(domain, COMPONENTS, 3, time_scale=24.0)
     data32 = data.to("cpu", torch.float32)
-    torch.manual_seed(0)
-    u0, times, observed = data32.signal[:, 0].repeat(4, 1), data32.times.repeat(4, 1), data32.observed.repeat(4, 1)
-    before = float(module.sleep_loss(u0, times, observed, 0.02))
-    opt = torch.optim.Adam(module.encoder.parameters(), lr=6e-3)
-    for _ in range(250):
-        loss = module.sleep_loss(u0[:32], times[:32], observed[:32], 0.02)
+    u0, times, observed = data32.signal[:, 0], data32.times, data32.observed
+    opt = torch.optim.Adam(module.encoder.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = module.sleep_loss(u0, times, observed, 0.02)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    torch.manual_seed(0)
-    after = float(module.sleep_loss(u0, times, observed, 0.02))
-    # -log q at the prior (the untrained encoder) is about 2.47 for D and r together.
-    assert before > 2.3 and after < 1.8
+    fields, diffusivity, _ = module.simulate_prior(u0.repeat(4, 1), times.repeat(4, 1), observed.repeat(4, 1), 0.02)
+    with torch.no_grad():
+        d_loc = module.encode(fields[:, 0], times.repeat(4, 1), observed.repeat(4, 1))[0][:, 0]
+    assert spearmanr(d_loc.numpy(), diffusivity[:, 0].numpy())[0] > 0.8
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path):
