@@ -1,0 +1,1 @@
+"""Inference: training (SVI), posterior summaries, evidence and LOO, ArviZ export, PPC, forecasts, scores."""
