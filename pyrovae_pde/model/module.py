@@ -68,10 +68,8 @@ class MixturePDE(nn.Module):
         self.priors = priors
         self.n_visits = n_visits
         self.reaction_step = reaction_step
-        head = PosteriorHead(1, self.n_components, len(self.rate_index),
-                             (priors.diffusivity.loc, priors.diffusivity.scale),
-                             (priors.reaction.loc, priors.reaction.scale))
         encoder_cls = GridEncoder if domain.kind == "grid" else GraphEncoder
+        # Build the body with an identity head to measure its feature size, then attach the real head.
         probe = encoder_cls(domain, n_visits, head=nn.Identity(), width=encoder_width, time_scale=time_scale)
         n_features = probe(torch.zeros(1, n_visits, domain.n_nodes), torch.zeros(1, n_visits),
                            torch.ones(1, n_visits, dtype=torch.bool)).shape[-1]
