@@ -24,21 +24,69 @@ class ReactionTerm:
     has_rate: bool = True
     description: str = ""
 
-    def flow(self, u: torch.Tensor, s: torch.Tensor, max_substep: float = 0.05) -> torch.Tensor:
-        """Advance du/ds = f(u) by reaction time ``s`` (broadcastable to ``u``; dimensionless r*dt)."""
+    def flow(self, u: torch.Tensor, s: torch.Tensor, max_substep: float = 0.3,
+             substeps: int | None = None) -> torch.Tensor:
+        """Advance du/ds = f(u) by reaction time ``s`` (broadcastable to ``u``; dimensionless r*dt).
+
+        Without an exact flow: ``substeps`` RK4 steps, or by default enough that none exceeds
+        ``max_substep`` for the largest ``s`` (a fixed count keeps batch entries independent).
+        Differentiable in ``u`` and ``s``; the backward pass uses the flow's closed-form
+        sensitivities instead of recording the substeps.
+        """
         if not self.has_rate:
             return u
+        if substeps is None and self.exact_flow is None:
+            substeps = max(1, int(torch.ceil(s.detach().abs().max() / max_substep).item()))
+        if not (torch.is_grad_enabled() and (u.requires_grad or s.requires_grad)):
+            return self._integrate(u, s, substeps)
+        return _FlowFunction.apply(u, s, self, substeps)
+
+    def _integrate(self, u: torch.Tensor, s: torch.Tensor, substeps: int | None) -> torch.Tensor:
         if self.exact_flow is not None:
             return self.exact_flow(u, s)
-        n_sub = max(1, int(torch.ceil(s.detach().abs().max() / max_substep).item()))
-        h = s / n_sub
-        for _ in range(n_sub):
+        h = s / substeps
+        for _ in range(substeps):
             k1 = self.f(u)
             k2 = self.f(u + 0.5 * h * k1)
             k3 = self.f(u + 0.5 * h * k2)
             k4 = self.f(u + h * k3)
             u = u + h / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
         return u
+
+
+class _FlowFunction(torch.autograd.Function):
+    """phi = flow_s(u0) of the scalar autonomous ODE du/ds = f(u), with the exact sensitivities
+    d phi / d s = f(phi) and d phi / d u0 = f(phi) / f(u0) (so no substep is kept for backward).
+    Where f(u0) ~ 0 (an equilibrium) the ratio is replaced by its limit exp(f'(u0) s)."""
+
+    @staticmethod
+    def forward(ctx, u, s, term, substeps):
+        phi = term._integrate(u, s, substeps)
+        ctx.save_for_backward(u, s, phi)
+        ctx.term = term
+        return phi
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, s, phi = ctx.saved_tensors
+        f = ctx.term.f
+        f_phi = f(phi)
+        grad_u = grad_s = None
+        if ctx.needs_input_grad[0]:
+            f_u = f(u)
+            near_equilibrium = f_u.abs() < torch.finfo(u.dtype).tiny ** 0.5
+            if near_equilibrium.any():
+                with torch.enable_grad():
+                    x = u.detach().requires_grad_(True)
+                    slope, = torch.autograd.grad(f(x).sum(), x)
+                limit = torch.exp(slope * s)
+            else:
+                limit = torch.ones_like(f_u)
+            ratio = torch.where(near_equilibrium, limit, f_phi / torch.where(near_equilibrium, 1.0, f_u))
+            grad_u = (grad * ratio).sum_to_size(u.shape)
+        if ctx.needs_input_grad[1]:
+            grad_s = (grad * f_phi).sum_to_size(s.shape)
+        return grad_u, grad_s, None, None
 
 
 def _logistic_flow(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
