@@ -162,7 +162,7 @@ def test_sleep_warm_up_learns_the_parameters_of_simulated_subjects(grid_data):
     data32 = data.to("cpu", torch.float32)
     u0, times, observed = data32.signal[:, 0], data32.times, data32.observed
     opt = torch.optim.Adam(module.encoder.parameters(), lr=3e-3)
-    for _ in range(150):
+    for _ in range(300):
         loss = module.sleep_loss(u0, times, observed, 0.02)
         opt.zero_grad()
         loss.backward()

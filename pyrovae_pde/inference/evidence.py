@@ -47,7 +47,8 @@ from torch.nn.functional import softplus
 from ..data.cohort import CohortTensors
 from ..model import module as _module_def
 from ..model.module import MixturePDE
-from .posterior import encode_cohort
+from .encoding import GuideSummary, encode_cohort
+from .laplace import laplace_fit
 
 DTYPE = torch.float64
 LOG_2PI = math.log(2 * math.pi)
@@ -157,7 +158,7 @@ class Proposal:
 
 
 def guide_proposal(module: MixturePDE, data: CohortTensors) -> Proposal:
-    """The amortized guide as proposal (what ``posterior.component_log_evidence`` uses)."""
+    """The amortized guide as proposal (``posterior_dataset(refine=False)`` uses it)."""
     dtype = next(module.parameters()).dtype
     s = encode_cohort(module, data.to(data.signal.device, dtype))
     has_rate = torch.zeros(module.n_components, dtype=torch.bool)
@@ -165,102 +166,33 @@ def guide_proposal(module: MixturePDE, data: CohortTensors) -> Proposal:
     return Proposal(s.d_loc.to(DTYPE), s.d_scale.to(DTYPE), s.r_loc.to(DTYPE), s.r_scale.to(DTYPE), has_rate)
 
 
-def _residuals(module: MixturePDE, signal: torch.Tensor, times: torch.Tensor, mask: torch.Tensor,
-               a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Residuals (B, K, M) of every component at theta = (a, b) = (log D, log r) (B, K)."""
-    rate = module.rate_index
-    with torch.no_grad():
-        fields = module.predict(signal[:, 0], times, torch.exp(a), torch.exp(b[:, rate]) if rate else None)
-    resid = (fields[:, :, 1:] - signal[:, None, 1:]) * mask[:, None, :, None]
-    return resid.reshape(*resid.shape[:2], -1)
-
-
 def laplace_proposal(module: MixturePDE, data: CohortTensors, n_iter: int = 10, inflate: float = 2.0,
                      defensive: float = 0.1, batch_size: int | None = None, step: float = 1e-4,
                      tol: float = 1e-2) -> Proposal:
     """Refine the guide into a Laplace proposal per (subject, component).
 
-    Levenberg-Marquardt on the log posterior of theta = (log D, log r) given the subject and the
-    subtype (finite-difference Jacobians: 3 batched solves per iteration cover every component),
-    started at the guide's means and stopped after ``n_iter`` iterations or once no log posterior
-    improves by ``tol`` nats; the noise sd is the guide's median during the search and the
-    least-squares estimate (each subject's best component) for the final Gauss-Newton Hessian,
-    whose inverse times ``inflate`` is the Gaussian's covariance. Subjects without later visits
-    keep the prior's curvature.
+    ``laplace.laplace_fit`` in float64 (Levenberg-Marquardt from the guide's means, at most
+    ``n_iter`` iterations), with the guide's median noise during the search and the least-squares
+    noise estimate (each subject's best component) for the final Gauss-Newton Hessian, whose
+    inverse times ``inflate`` is the Gaussian's covariance. Subjects without later visits keep
+    the prior's curvature.
     """
     guide = guide_proposal(module, data)
-    pri = module.priors
-    has_rate = guide.has_rate
-    la, sa, lb, sb = pri.diffusivity.loc, pri.diffusivity.scale, pri.reaction.loc, pri.reaction.scale
-    n, k = guide.d_loc.shape
-    if batch_size is None:
-        batch_size = max(1, int(4e6 // (k * data.signal.shape[1] * data.signal.shape[2])))
     sigma = float(observation_sd(torch.exp(module.noise_loc.detach())))
-    rate_f = has_rate.to(DTYPE)
-    a_all = guide.d_loc.clone()
-    b_all = torch.where(has_rate, guide.r_loc, torch.zeros_like(guide.r_loc)).clone()
-    jac_parts = []
-
-    def jacobians(sig, tim, msk, a, b, base):
-        ja = (_residuals(module, sig, tim, msk, a + step, b) - base) / step
-        jb = ((_residuals(module, sig, tim, msk, a, b + step) - base) / step) if module.rate_index else \
-            torch.zeros_like(ja)
-        return ja, jb * rate_f[:, None]
-
-    def objective(resid, a, b, s2):
-        return (0.5 * (resid ** 2).sum(-1) / s2 + 0.5 * ((a - la) / sa) ** 2
-                + rate_f * 0.5 * ((b - lb) / sb) ** 2)
-
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
-        sig = data.signal[sl].to(DTYPE)
-        tim = data.times[sl].to(DTYPE)
-        msk = data.observed[sl, 1:].to(DTYPE)
-        a, b = a_all[sl], b_all[sl]
-        s2 = sigma ** 2
-        resid = _residuals(module, sig, tim, msk, a, b)
-        obj = objective(resid, a, b, s2)
-        lam = torch.full_like(a, 1e-2)
-        for _ in range(n_iter):
-            ja, jb = jacobians(sig, tim, msk, a, b, resid)
-            haa = (ja ** 2).sum(-1) / s2 + 1 / sa ** 2
-            hab = (ja * jb).sum(-1) / s2
-            hbb = (jb ** 2).sum(-1) / s2 + torch.where(has_rate, 1 / sb ** 2, 1.0)
-            ga = (ja * resid).sum(-1) / s2 + (a - la) / sa ** 2
-            gb = (jb * resid).sum(-1) / s2 + rate_f * (b - lb) / sb ** 2
-            daa, dbb = haa * (1 + lam), hbb * (1 + lam)
-            det = daa * dbb - hab ** 2
-            step_a = -(dbb * ga - hab * gb) / det
-            step_b = -(daa * gb - hab * ga) / det * rate_f
-            size = torch.maximum(step_a.abs(), step_b.abs()).clamp_min(1.0)  # at most e-fold per step
-            a1, b1 = a + step_a / size, b + step_b / size
-            resid1 = _residuals(module, sig, tim, msk, a1, b1)
-            obj1 = objective(resid1, a1, b1, s2)
-            better = obj1 < obj
-            gain = float(torch.where(better, obj - obj1, torch.zeros_like(obj)).max())
-            a, b = torch.where(better, a1, a), torch.where(better, b1, b)
-            resid = torch.where(better[..., None], resid1, resid)
-            obj = torch.where(better, obj1, obj)
-            lam = torch.where(better, lam / 3, lam * 5)
-            if gain < tol:  # no subject's log posterior moved by more than tol nats
-                break
-        a_all[sl], b_all[sl] = a, b
-        ja, jb = jacobians(sig, tim, msk, a, b, resid)
-        jac_parts.append(((ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), (resid ** 2).sum(-1)))
-    jaa, jab, jbb, sse = (torch.cat(p) for p in zip(*jac_parts))
-    n_obs = data.observed[:, 1:].to(DTYPE).sum(1) * data.signal.shape[-1]
-    if float(n_obs.sum()) > 0:
-        s2 = float(sse.min(dim=1).values.sum() / n_obs.sum())
+    fit = laplace_fit(module, data, sigma, n_iter=n_iter, step=step, tol=tol, batch_size=batch_size,
+                      dtype=DTYPE, start=GuideSummary(guide.d_loc, guide.d_scale, guide.r_loc, guide.r_scale))
+    pri = module.priors
+    if float(fit.n_obs.sum()) > 0:
+        s2 = float(fit.sse.min(dim=1).values.sum() / fit.n_obs.sum())
     else:
         s2 = sigma ** 2
-    haa = jaa / s2 + 1 / sa ** 2
-    hab = jab / s2
-    hbb = jbb / s2 + torch.where(has_rate, 1 / sb ** 2, 1.0)
+    haa = fit.jtj[..., 0] / s2 + 1 / pri.diffusivity.scale ** 2
+    hab = fit.jtj[..., 1] / s2
+    hbb = fit.jtj[..., 2] / s2 + torch.where(fit.has_rate, 1 / pri.reaction.scale ** 2, 1.0)
     det = haa * hbb - hab ** 2
     cov = torch.stack([torch.stack([hbb, -hab], -1), torch.stack([-hab, haa], -1)], -2) / det[..., None, None]
-    cov = cov * inflate
-    mean = torch.stack([a_all, b_all], -1)
-    return Proposal(guide.d_loc, guide.d_scale, guide.r_loc, guide.r_scale, has_rate, mean, cov, defensive)
+    return Proposal(guide.d_loc, guide.d_scale, guide.r_loc, guide.r_scale, guide.has_rate, fit.mean,
+                    cov * inflate, defensive)
 
 
 def solve_particles(module: MixturePDE, u0: torch.Tensor, times: torch.Tensor, diffusivity: torch.Tensor,

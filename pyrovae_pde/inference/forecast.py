@@ -101,7 +101,7 @@ def forecast(model, ds: xr.Dataset, times, n_draws: int = 200, n_particles: int 
         with torch.no_grad():
             fields = solve_active(module.domain, rep(u0), rep(solve_t), d, r, module.terms, method="auto",
                                   reaction_step=module.reaction_step,
-                                  rate_floor=module.priors.reaction.high if module.rate_index else 0.0)
+                                  initial_reaction_step=module.initial_reaction_step)
         fields = fields.reshape(g, b, k, m + 1, nodes)[:, :, :, 1:]
         unsort = torch.as_tensor(inverse)[None, :, None, :, None].expand_as(fields)
         fields = torch.gather(fields, 3, unsort)  # back to the requested order

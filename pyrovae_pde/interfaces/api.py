@@ -19,6 +19,7 @@ from ..inference.train import TrainConfig, TrainState, train
 from ..model.module import MixturePDE
 from ..model.priors import LogNormalPrior, Priors
 from ..physics import Domain, GraphDomain, GridDomain, get_reaction
+from ..physics.solvers import DEFAULT_INITIAL_REACTION_STEP, DEFAULT_REACTION_STEP
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model.json"
@@ -43,11 +44,13 @@ class SubtypeModel:
         components: reaction-term names (K = 1 is the single-PDE baseline).
         priors: ``Priors`` (defaults put D in [0.01, 1], r in [0.01, 0.1] at the 95% intervals),
             or a dict ``{"diffusivity": (lo, hi), "reaction": (lo, hi)}``.
-        reaction_step: largest r*dt of the solver's Strang steps during fitting and prediction.
+        reaction_step, initial_reaction_step: largest r*dt of the solver's Strang steps during
+            fitting and prediction, after and within the first visit interval.
     """
 
     def __init__(self, components: Sequence[str] = ("fisher_kpp", "saturating", "zeldovich"),
-                 priors: Priors | dict | None = None, reaction_step: float = 0.1, encoder_width: int = 16):
+                 priors: Priors | dict | None = None, reaction_step: float = DEFAULT_REACTION_STEP,
+                 encoder_width: int = 16, initial_reaction_step: float = DEFAULT_INITIAL_REACTION_STEP):
         if isinstance(components, str):
             components = [c for c in components.split(",") if c]
         self.components = tuple(components)
@@ -64,6 +67,7 @@ class SubtypeModel:
                 LogNormalPrior(*priors["reaction"]) if "reaction" in priors else base.reaction)
         self.priors = priors or Priors()
         self.reaction_step = reaction_step
+        self.initial_reaction_step = initial_reaction_step
         self.encoder_width = encoder_width
         self.module_: MixturePDE | None = None
         self.domain_: Domain | None = None
@@ -101,6 +105,7 @@ class SubtypeModel:
         self.time_scale_ = float(torch.nan_to_num(tau, nan=0.0).max()) or 1.0
         self.module_ = MixturePDE(self.domain_, self.components, data.signal.shape[1], self.priors,
                                   time_scale=self.time_scale_, reaction_step=self.reaction_step,
+                                  initial_reaction_step=self.initial_reaction_step,
                                   encoder_width=self.encoder_width)
         config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                              device=str(dev), progress=progress, **train_options)
@@ -115,19 +120,22 @@ class SubtypeModel:
 
     # ------------------------------------------------------------------ posterior
     def posterior(self, ds: xr.Dataset, n_particles: int = 8, seed: int = 0, device: str = "cpu",
-                  source: str = "<dataset>", refine: bool = True) -> xr.Dataset:
+                  source: str = "<dataset>", refine: bool = True, n_iter: int = 4) -> xr.Dataset:
         """Posterior summary for the subjects of ``ds`` (any cohort on the fitted domain).
 
         Returns the posterior contract: ``subtype_prob`` (subject, subtype), ``diffusivity`` and
         ``reaction`` means with ``_sd``, ``_q05``, ``_q95`` (subject, subtype), ``weights`` (subtype).
-        ``refine=False`` skips the per-subject Laplace refinement (much faster, less accurate).
+        By default each subject's posterior given each subtype is the Laplace approximation
+        refined from the encoder's guess (``n_iter`` Levenberg-Marquardt iterations);
+        ``refine=False`` uses the encoder's guide alone with ``n_particles`` importance draws.
         """
         module = self._require_fitted()
         data = self._tensors(ds, source)
         dev = resolve_device(device)
         module.to(dev)
         try:
-            post = posterior_dataset(module, data.to(dev), n_particles=n_particles, seed=seed, refine=refine)
+            post = posterior_dataset(module, data.to(dev), n_particles=n_particles, seed=seed, refine=refine,
+                                     n_iter=n_iter)
         finally:
             module.to("cpu")
         post.attrs["model_components"] = ",".join(self.components)
@@ -153,6 +161,7 @@ class SubtypeModel:
         config = {
             "pyrovae_pde_version": __version__, "components": list(self.components),
             "priors": self.priors.as_dict(), "reaction_step": self.reaction_step,
+            "initial_reaction_step": self.initial_reaction_step,
             "encoder_width": self.encoder_width, "n_visits": module.n_visits, "time_scale": self.time_scale_,
             "domain": domain_payload, "history": asdict(self.history_) if self.history_ else None,
         }
@@ -171,7 +180,8 @@ class SubtypeModel:
         config = json.loads((directory / CONFIG_FILE).read_text())
         tensors = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=False)
         model = cls(config["components"], Priors.from_dict(config["priors"]), config["reaction_step"],
-                    config["encoder_width"])
+                    config["encoder_width"],
+                    config.get("initial_reaction_step", DEFAULT_INITIAL_REACTION_STEP))
         if config["domain"]["kind"] == "grid":
             model.domain_ = GridDomain(tensors["mask"].numpy(), config["domain"]["spacing"])
         else:
@@ -179,7 +189,8 @@ class SubtypeModel:
         model.time_scale_ = config["time_scale"]
         model.module_ = MixturePDE(model.domain_, model.components, config["n_visits"], model.priors,
                                    time_scale=model.time_scale_, reaction_step=model.reaction_step,
-                                   encoder_width=model.encoder_width)
+                                   encoder_width=model.encoder_width,
+                                   initial_reaction_step=model.initial_reaction_step)
         model.module_.load_state_dict(tensors["state_dict"])
         if config.get("history"):
             model.history_ = TrainState(**config["history"])

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from ..physics import Domain, get_reaction, solve_active
+from ..physics.solvers import DEFAULT_INITIAL_REACTION_STEP, DEFAULT_REACTION_STEP
 from .encoders import GraphEncoder, GridEncoder, PosteriorHead
 from .priors import Priors
 
@@ -51,11 +52,13 @@ class MixturePDE(nn.Module):
         components: reaction term names, one per component (K = 1 is the single-PDE baseline).
         n_visits: number of visit slots T in the data.
         priors: ``Priors``; ``time_scale``: typical follow-up length (encoder input scaling).
-        reaction_step: largest r*dt of a Strang step in the model's solves.
+        reaction_step, initial_reaction_step: largest r*dt of a Strang step in the model's solves,
+            after and within the first visit interval (see ``physics.solve_active``).
     """
 
     def __init__(self, domain: Domain, components: Sequence[str], n_visits: int, priors: Priors = Priors(),
-                 time_scale: float = 1.0, reaction_step: float = 0.1, encoder_width: int = 16):
+                 time_scale: float = 1.0, reaction_step: float = DEFAULT_REACTION_STEP,
+                 encoder_width: int = 16, initial_reaction_step: float = DEFAULT_INITIAL_REACTION_STEP):
         super().__init__()
         if len(components) == 0:
             raise ValueError("a model needs at least one component")
@@ -68,6 +71,7 @@ class MixturePDE(nn.Module):
         self.priors = priors
         self.n_visits = n_visits
         self.reaction_step = reaction_step
+        self.initial_reaction_step = initial_reaction_step
         encoder_cls = GridEncoder if domain.kind == "grid" else GraphEncoder
         # Build the body with an identity head to measure its feature size, then attach the real head.
         probe = encoder_cls(domain, n_visits, head=nn.Identity(), width=encoder_width, time_scale=time_scale)
@@ -96,12 +100,15 @@ class MixturePDE(nn.Module):
         return out
 
     def predict(self, u0: torch.Tensor, times: torch.Tensor, diffusivity: torch.Tensor,
-                reaction: torch.Tensor | None) -> torch.Tensor:
-        """u0 (B, n), times (B, T), diffusivity (B, K), reaction (B, K_r) -> fields (B, K, T, n)."""
+                reaction: torch.Tensor | None, step_rates: torch.Tensor | None = None) -> torch.Tensor:
+        """u0 (B, n), times (B, T), diffusivity (B, K), reaction (B, K_r) -> fields (B, K, T, n).
+
+        ``step_rates`` (B,): optional rates that fix the solver's step counts (see ``solve_active``).
+        """
         full = self.full_reaction(reaction, diffusivity)
         return solve_active(self.domain, u0, times, diffusivity, full, self.terms, method="auto",
                             reaction_step=self.reaction_step, max_steps=MAX_STEPS_PER_INTERVAL,
-                            rate_floor=self.priors.reaction.high if self.rate_index else 0.0)
+                            initial_reaction_step=self.initial_reaction_step, step_rates=step_rates)
 
     # ---------------------------------------------------------------- model and guide
     def _plates(self, n_total: int | None, batch: int, index: torch.Tensor | None, device):

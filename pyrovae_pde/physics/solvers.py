@@ -71,7 +71,8 @@ def solve_active(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusiv
                  rtol: float = 1e-6, atol: float = 1e-8, adjoint: bool = False,
                  max_steps: int | None = None, rate_floor: float | None = 0.0,
                  initial_reaction_step: float = DEFAULT_INITIAL_REACTION_STEP,
-                 extrapolate: bool = True, max_substep: float = DEFAULT_MAX_SUBSTEP) -> torch.Tensor:
+                 extrapolate: bool = True, max_substep: float = DEFAULT_MAX_SUBSTEP,
+                 step_rates: torch.Tensor | None = None) -> torch.Tensor:
     """Solve on active nodes: u0 (N, n_nodes), times (N, T), diffusivity/reaction (N, K).
 
     Returns (N, K, T, n_nodes); entry [:, :, 0] is u0. Times in the unit of the rates; D in
@@ -84,6 +85,8 @@ def solve_active(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusiv
     (fourth order in smooth intervals, three times the products of plain Strang with n steps);
     without it the result is plain Strang, which keeps [0, 1] and positivity exactly.
     ``max_substep`` bounds the RK4 substeps of reaction terms that have no exact flow.
+    ``step_rates`` (N,), if given, replaces each subject's largest rate in the step-count rule:
+    solves that must share their discretisation (finite differences in the rates) pass one value.
     """
     terms = _resolve_reactions(reactions)
     _check(domain, u0, times, diffusivity, reaction, len(terms))
@@ -97,7 +100,8 @@ def solve_active(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusiv
         method = "spectral" if domain.n_nodes <= SPECTRAL_MAX_NODES else "dopri5"
     if method == "spectral":
         return _solve_spectral(domain, u0, tau, diffusivity, reaction, terms, reaction_step,
-                               initial_reaction_step, extrapolate, max_steps, rate_floor, max_substep)
+                               initial_reaction_step, extrapolate, max_steps, rate_floor, max_substep,
+                               step_rates)
     return _solve_odeint(domain, u0, tau, diffusivity, reaction, terms, method, rtol, atol, adjoint)
 
 
@@ -189,7 +193,8 @@ def _strang_interval(u: torch.Tensor, interval: torch.Tensor, n_steps: torch.Ten
 def _solve_spectral(domain: Domain, u0: torch.Tensor, tau: torch.Tensor, diffusivity: torch.Tensor,
                     reaction: torch.Tensor, terms: list[ReactionTerm], reaction_step: float,
                     initial_reaction_step: float, extrapolate: bool, max_steps: int | None,
-                    rate_floor: float | None, max_substep: float) -> torch.Tensor:
+                    rate_floor: float | None, max_substep: float,
+                    step_rates: torch.Tensor | None = None) -> torch.Tensor:
     evals, evecs = domain.eigh(u0.dtype, u0.device)  # (n,), (n, n)
     n_sub, n_comp = diffusivity.shape
     has_rate = torch.tensor([t.has_rate for t in terms], device=u0.device, dtype=u0.dtype)
@@ -197,7 +202,7 @@ def _solve_spectral(domain: Domain, u0: torch.Tensor, tau: torch.Tensor, diffusi
     # Step counts are per subject, from max(its own largest rate, rate_floor), so a subject's
     # solution does not depend on which other subjects share its batch (rate_floor=None: every
     # subject gets the steps of the batch's largest rate).
-    subject_rate = rate.detach().abs().amax(dim=1)  # (N,)
+    subject_rate = rate.detach().abs().amax(dim=1) if step_rates is None else step_rates.detach().to(rate)  # (N,)
     if rate_floor is None:
         rate_floor = float(subject_rate.max()) if n_sub else 0.0
     subject_rate = subject_rate.clamp(min=rate_floor)

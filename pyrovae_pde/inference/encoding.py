@@ -1,0 +1,45 @@
+"""The fitted guide's per-subject and global summaries, shared by posterior, evidence and Laplace code."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..data.cohort import CohortTensors
+from ..model.module import MixturePDE
+
+
+@dataclass
+class GuideSummary:
+    """LogNormal guide parameters in log space: (N, K) each; reaction columns of rate-free components are NaN."""
+
+    d_loc: torch.Tensor
+    d_scale: torch.Tensor
+    r_loc: torch.Tensor
+    r_scale: torch.Tensor
+
+
+def encode_cohort(module: MixturePDE, data: CohortTensors, batch_size: int = 512) -> GuideSummary:
+    """Run the encoder over a cohort in batches (no gradients)."""
+    parts = []
+    with torch.no_grad():
+        for start in range(0, data.n_subjects, batch_size):
+            sl = slice(start, start + batch_size)
+            parts.append(module.encode(data.signal[sl], data.times[sl], data.observed[sl]))
+    d_loc, d_scale, r_loc_rate, r_scale_rate = (torch.cat(p) for p in zip(*parts))
+    r_loc = d_loc.new_full(d_loc.shape, math.nan)
+    r_scale = d_loc.new_full(d_loc.shape, math.nan)
+    r_loc[:, module.rate_index] = r_loc_rate
+    r_scale[:, module.rate_index] = r_scale_rate
+    return GuideSummary(d_loc, d_scale, r_loc, r_scale)
+
+
+def global_means(module: MixturePDE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means of the mixture weights (K,) and of the noise scale ()."""
+    with torch.no_grad():
+        conc = module.weights_concentration()
+        weights = conc / conc.sum()
+        noise_sd = torch.nn.functional.softplus(module.noise_scale_raw) + 1e-4
+        noise = torch.exp(module.noise_loc + 0.5 * noise_sd ** 2)
+    return weights, noise
