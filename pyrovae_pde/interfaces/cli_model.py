@@ -70,7 +70,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data)
     start = time.perf_counter()
     post = model.posterior(ds, n_particles=args.particles, seed=args.seed, device=args.device, source=str(args.data),
-                           refine=args.refine)
+                           refine=args.refine, n_iter=args.iterations)
     atomic_write(args.out, lambda tmp: post.to_netcdf(tmp, engine="h5netcdf"))
     print(f"wrote {args.out}: posterior of {post.sizes['subject']} subjects over subtypes "
           f"{', '.join(model.components)} in {time.perf_counter() - start:.1f} s")
@@ -126,9 +126,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="run directory written by fit")
     p.add_argument("data", help="contract NetCDF file (new or training subjects)")
     p.add_argument("--out", required=True, help="posterior NetCDF file")
-    p.add_argument("--particles", type=int, default=8, help="importance samples per subject and subtype")
+    p.add_argument("--iterations", type=int, default=4,
+                   help="Levenberg-Marquardt iterations of the per-subject Laplace refinement")
     p.add_argument("--no-refine", dest="refine", action="store_false",
-                   help="skip the per-subject Laplace refinement of the guide (fast, amortized only)")
+                   help="skip the Laplace refinement: the amortized guide alone, importance-sampled")
+    p.add_argument("--particles", type=int, default=8,
+                   help="importance samples per subject and subtype (with --no-refine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(handler=cmd_predict)
