@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     model.fit(train_ds, epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty())
     fit_s = time.perf_counter() - start
+    rss_after_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     start = time.perf_counter()
     fast = model.posterior(test_ds, refine=False)
     fast_s = time.perf_counter() - start
@@ -99,6 +100,7 @@ def main(argv=None) -> int:
         "speedup_no_refine_vs_classic": round(classic_s / (fast_s / args.test_subjects), 1),
         "no_refine_metrics": {k: round(v, 4) for k, v in fast_metrics.items()},
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
+        "peak_rss_after_fit_gb": round(rss_after_fit, 2),
         "torch_threads": torch.get_num_threads(),
         **{k: round(v, 4) for k, v in metrics.items()},
         "weights": {str(k): round(float(v), 3) for k, v in zip(post["subtype"].values, post["weights"].values)},

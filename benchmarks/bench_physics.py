@@ -295,16 +295,18 @@ def machine() -> str:
 
 
 NOTES = (
-    "Where the time of (a) goes (torch.profiler on one step, measured separately, not by this script): "
-    "about half in the 192 dense products of the (N K) x n fields with the n x n eigenvector matrix "
-    "(2 per Strang step forward and 2 in backward; 48 steps, since the default reaction_step 0.05 bounds "
-    "r dt and r reaches 0.1 over 24 years), the rest in the element-wise RK4 substeps of the saturating "
-    "and zeldovich flows and autograd bookkeeping. A step costs O(N K n^2): time grows linearly with "
-    "subjects and with the square of the active node count, and memory grows linearly with subjects "
-    "(about 15 MB per subject here), because autograd keeps every Strang step's intermediates. The "
-    ">= 20x target is not reached. The spectral method's one knob is the step count: reaction_step 0.1 "
-    "halves the time with the error still <= 1e-3 (row a'). The straightforward solver's error at "
-    "its own tolerances (rtol 1e-3) is above 1e-3, so at equal accuracy it would be slower still.")
+    "How (a) gets there: Strang splitting with diffusion exact in the eigenbasis, Richardson-"
+    "extrapolated over n and 2n steps (order 4 where the field is smooth), per-subject step counts "
+    "(each subject's own largest rate; subjects that have finished an interval drop out of the dense "
+    "products), a finer step in the first visit interval only (the error of the other intervals is "
+    "small because the field is smooth by then; the first one starts from the rough initial scan), "
+    "and reaction flows whose backward pass uses the closed-form sensitivities of a scalar "
+    "autonomous ODE (d phi/d u0 = f(phi)/f(u0), d phi/d s = f(phi)) instead of recording RK4 "
+    "substeps. Row (a') is plain Strang with r dt <= 0.05, the previous default. What remains "
+    "(torch.profiler, measured separately): about 55% of (a) is the dense (rows x n) @ (n x n) "
+    "eigenbasis products (about 87 GFLOP/s on one core here, close to the core's peak), the rest "
+    "element-wise reaction flows and autograd bookkeeping. A step costs O(N K n^2): time grows "
+    "linearly with subjects and with the square of the active node count.")
 
 
 def _mb(res: dict) -> str:

@@ -24,6 +24,7 @@ from ..model.module import MixturePDE
 from .encoding import GuideSummary, encode_cohort
 
 LOG_2PI = math.log(2 * math.pi)
+SEARCH_RATE_MARGIN = 0.3  # log of the factor on the guide's rate that sets the search's step counts
 
 
 @dataclass
@@ -45,11 +46,12 @@ class LaplaceFit:
 
 
 def _residuals_and_jacobians(module: MixturePDE, signal: torch.Tensor, times: torch.Tensor,
-                             mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, step: float):
+                             mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, step: float,
+                             step_rates: torch.Tensor | None):
     """Residuals (B, K, M) at theta = (a, b) (B, K) and forward-difference Jacobian columns.
 
-    All points share the step counts of the largest rate among them, so the difference sees the
-    PDE's dependence on theta, not a change of discretisation."""
+    All points share the step counts set by ``step_rates`` (B,), so the difference sees the PDE's
+    dependence on theta, not a change of discretisation."""
     rate = module.rate_index
     n = a.shape[0]
     points_a, points_b = [a, a + step], [b, b]
@@ -58,7 +60,7 @@ def _residuals_and_jacobians(module: MixturePDE, signal: torch.Tensor, times: to
         points_b.append(b + step)
     copies = len(points_a)
     big_a, big_b = torch.cat(points_a), torch.cat(points_b)  # (C B, K)
-    step_rates = (torch.exp(b[:, rate] + step).amax(dim=1) if rate else torch.zeros(n, dtype=a.dtype, device=a.device)).repeat(copies)
+    step_rates = step_rates.repeat(copies) if step_rates is not None else None
     rep = lambda x: x.repeat(copies, *([1] * (x.dim() - 1)))  # noqa: E731
     with torch.no_grad():
         fields = module.predict(rep(signal[:, 0]), rep(times), torch.exp(big_a),
@@ -70,16 +72,30 @@ def _residuals_and_jacobians(module: MixturePDE, signal: torch.Tensor, times: to
     return resid[0], ja, jb
 
 
+def _residuals(module: MixturePDE, signal: torch.Tensor, times: torch.Tensor, mask: torch.Tensor,
+               a: torch.Tensor, b: torch.Tensor, step_rates: torch.Tensor) -> torch.Tensor:
+    """Residuals (B, K, M) at theta = (a, b), with the solver's step counts set by ``step_rates``."""
+    rate = module.rate_index
+    with torch.no_grad():
+        fields = module.predict(signal[:, 0], times, torch.exp(a), torch.exp(b[:, rate]) if rate else None,
+                                step_rates=step_rates)
+    resid = (fields[:, :, 1:] - signal[:, None, 1:]) * mask[:, None, :, None]
+    return resid.reshape(*resid.shape[:2], -1)
+
+
 def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter: int = 4,
                 step: float | None = None, tol: float = 1e-2, batch_size: int | None = None,
                 dtype: torch.dtype = torch.float32, hessian_noise_sd: float | None = None,
                 start: GuideSummary | None = None) -> LaplaceFit:
     """Levenberg-Marquardt mode and Laplace approximation of p(log D, log r | x_i, subtype k).
 
+    The Jacobian is a forward difference at the start and at the end; in between each iteration
+    solves only its trial point and updates the Jacobian by Broyden's secant rule.
+
     Args:
         noise_sd: observation sd sigma of the likelihood (the model's, noise floor included).
-        n_iter: LM iterations (each one batched solve of 3 points per subject and component);
-            stops early once no log posterior improves by more than ``tol`` nats.
+        n_iter: LM iterations (each one batched solve per subject and component); stops early
+            once no log posterior improves by more than ``tol`` nats.
         step: finite-difference step in log space (default 1e-2 in float32, 1e-4 in float64).
         dtype: precision of the solves.
         hessian_noise_sd: sigma for the final Hessian and evidence (default ``noise_sd``).
@@ -111,13 +127,21 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
         hbb = (jb ** 2).sum(-1) / var + torch.where(has_rate, 1 / sb ** 2, 1.0)
         return haa, hab, hbb
 
+    rate_index = module.rate_index
+
+    def step_rates(b, margin):  # solver step counts of a subject: its largest rate, times a margin
+        return torch.exp(b[:, rate_index]).amax(dim=1) * math.exp(margin) if rate_index else None
+
     parts = []
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
         sig, tim = data.signal[sl].to(dtype), data.times[sl].to(dtype)
         msk = data.observed[sl, 1:].to(dtype)
         a, b = a_all[sl], b_all[sl]
-        resid, ja, jb = _residuals_and_jacobians(module, sig, tim, msk, a, b, step)
+        # The search keeps one discretisation per subject, so that its comparisons of the objective
+        # see theta, not the step counts; the final Jacobian gets its own at the mode.
+        search_rates = step_rates(b, SEARCH_RATE_MARGIN)
+        resid, ja, jb = _residuals_and_jacobians(module, sig, tim, msk, a, b, step, search_rates)
         obj = objective(resid, a, b, s2)
         lam = torch.full_like(a, 1e-2)
         for _ in range(n_iter):
@@ -130,17 +154,23 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
             step_b = -(daa * gb - hab * ga) / det * rate_f
             size = torch.maximum(step_a.abs(), step_b.abs()).clamp_min(1.0)  # at most e-fold per step
             a1, b1 = a + step_a / size, b + step_b / size
-            resid1, ja1, jb1 = _residuals_and_jacobians(module, sig, tim, msk, a1, b1, step)
+            resid1 = _residuals(module, sig, tim, msk, a1, b1, search_rates)
             obj1 = objective(resid1, a1, b1, s2)
+            # Broyden: correct J along the step so that it maps the step onto the change in residuals.
+            da, db = (a1 - a)[..., None], (b1 - b)[..., None]
+            miss = resid1 - resid - ja * da - jb * db
+            norm2 = (da ** 2 + db ** 2).clamp_min(1e-30)
+            ja, jb = ja + miss * da / norm2, jb + miss * db / norm2 * rate_f[:, None]
             better = obj1 < obj
             gain = float(torch.where(better, obj - obj1, torch.zeros_like(obj)).max())
-            keep = better[..., None]
             a, b = torch.where(better, a1, a), torch.where(better, b1, b)
-            resid, ja, jb = (torch.where(keep, new, old) for new, old in ((resid1, resid), (ja1, ja), (jb1, jb)))
+            resid = torch.where(better[..., None], resid1, resid)
             obj = torch.where(better, obj1, obj)
             lam = torch.where(better, lam / 3, lam * 5)
             if gain < tol:  # no subject's log posterior moved by more than tol nats
                 break
+        if n_iter:
+            resid, ja, jb = _residuals_and_jacobians(module, sig, tim, msk, a, b, step, step_rates(b, step))
         parts.append((a, b, (ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), (resid ** 2).sum(-1)))
     a, b, jaa, jab, jbb, sse = (torch.cat(p).double() for p in zip(*parts))
     haa, hab, hbb = jaa / h2 + 1 / sa ** 2, jab / h2, jbb / h2 + torch.where(has_rate, 1 / sb ** 2, 1.0)

@@ -38,7 +38,7 @@ def lognormal_summary(loc: np.ndarray, scale: np.ndarray) -> dict[str, np.ndarra
 
 
 def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int = 8, seed: int = 0,
-                      refine: bool = True, n_iter: int = 4) -> xr.Dataset:
+                      refine: bool = True, n_iter: int = 3) -> xr.Dataset:
     """The posterior contract (see ``data_schemas/posterior-v1.schema.json``) for ``data``'s subjects.
 
     ``refine=True`` (default): each (subject, component) posterior is the Laplace approximation

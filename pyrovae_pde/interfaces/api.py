@@ -120,7 +120,7 @@ class SubtypeModel:
 
     # ------------------------------------------------------------------ posterior
     def posterior(self, ds: xr.Dataset, n_particles: int = 8, seed: int = 0, device: str = "cpu",
-                  source: str = "<dataset>", refine: bool = True, n_iter: int = 4) -> xr.Dataset:
+                  source: str = "<dataset>", refine: bool = True, n_iter: int = 3) -> xr.Dataset:
         """Posterior summary for the subjects of ``ds`` (any cohort on the fitted domain).
 
         Returns the posterior contract: ``subtype_prob`` (subject, subtype), ``diffusivity`` and

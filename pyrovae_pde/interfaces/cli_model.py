@@ -126,7 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="run directory written by fit")
     p.add_argument("data", help="contract NetCDF file (new or training subjects)")
     p.add_argument("--out", required=True, help="posterior NetCDF file")
-    p.add_argument("--iterations", type=int, default=4,
+    p.add_argument("--iterations", type=int, default=3,
                    help="Levenberg-Marquardt iterations of the per-subject Laplace refinement")
     p.add_argument("--no-refine", dest="refine", action="store_false",
                    help="skip the Laplace refinement: the amortized guide alone, importance-sampled")

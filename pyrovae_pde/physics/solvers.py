@@ -28,7 +28,7 @@ from .reactions import ReactionTerm, get_reaction
 SPECTRAL_MAX_NODES = 6000
 DEFAULT_REACTION_STEP = 0.9  # largest r*dt of a Strang step after the first visit interval
 DEFAULT_INITIAL_REACTION_STEP = 0.2  # ... and within the first interval (rough initial data)
-DEFAULT_MAX_SUBSTEP = 0.3  # largest RK4 substep of reaction terms without an exact flow
+DEFAULT_MAX_SUBSTEP = 0.9  # largest RK4 substep of reaction terms without an exact flow
 
 
 class SolverInputError(ValueError):
