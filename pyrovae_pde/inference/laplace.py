@@ -47,29 +47,39 @@ class LaplaceFit:
 
 def _residuals_and_jacobians(module: MixturePDE, signal: torch.Tensor, times: torch.Tensor,
                              mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, step: float,
-                             step_rates: torch.Tensor | None):
+                             step_rates: torch.Tensor | None, base: torch.Tensor | None = None,
+                             fresh: torch.Tensor | None = None):
     """Residuals (B, K, M) at theta = (a, b) (B, K) and forward-difference Jacobian columns.
 
     All points share the step counts set by ``step_rates`` (B,), so the difference sees the PDE's
-    dependence on theta, not a change of discretisation."""
+    dependence on theta, not a change of discretisation. ``base``: residuals at theta already
+    solved with these step counts, except for the rows where ``fresh`` (B,) is True."""
     rate = module.rate_index
     n = a.shape[0]
-    points_a, points_b = [a, a + step], [b, b]
+    rows = torch.arange(n, device=a.device)
+    if base is not None:
+        rows = rows[fresh]
+    points_a, points_b, index = [a[rows], a + step], [b[rows], b], [rows, torch.arange(n, device=a.device)]
     if rate:
         points_a.append(a)
         points_b.append(b + step)
-    copies = len(points_a)
-    big_a, big_b = torch.cat(points_a), torch.cat(points_b)  # (C B, K)
-    step_rates = step_rates.repeat(copies) if step_rates is not None else None
-    rep = lambda x: x.repeat(copies, *([1] * (x.dim() - 1)))  # noqa: E731
+        index.append(index[1])
+    index = torch.cat(index)
+    big_a, big_b = torch.cat(points_a), torch.cat(points_b)  # (rows + 2 B, K)
     with torch.no_grad():
-        fields = module.predict(rep(signal[:, 0]), rep(times), torch.exp(big_a),
-                                torch.exp(big_b[:, rate]) if rate else None, step_rates=step_rates)
-    resid = (fields[:, :, 1:] - rep(signal)[:, None, 1:]) * rep(mask)[:, None, :, None]  # (C B, K, T-1, n)
-    resid = resid.reshape(copies, n, a.shape[1], -1)
-    ja = (resid[1] - resid[0]) / step
-    jb = (resid[2] - resid[0]) / step if rate else torch.zeros_like(ja)
-    return resid[0], ja, jb
+        fields = module.predict(signal[index, 0], times[index], torch.exp(big_a),
+                                torch.exp(big_b[:, rate]) if rate else None,
+                                step_rates=step_rates[index] if step_rates is not None else None)
+    resid = (fields[:, :, 1:] - signal[index][:, None, 1:]) * mask[index][:, None, :, None]
+    resid = resid.reshape(resid.shape[0], a.shape[1], -1)
+    start = resid[:len(rows)]
+    if base is not None:
+        start = base.clone()
+        start[rows] = resid[:len(rows)]
+    shifted = resid[len(rows):].reshape(-1, n, *resid.shape[1:])
+    ja = (shifted[0] - start) / step
+    jb = (shifted[1] - start) / step if rate else torch.zeros_like(ja)
+    return start, ja, jb
 
 
 def _residuals(module: MixturePDE, signal: torch.Tensor, times: torch.Tensor, mask: torch.Tensor,
@@ -169,8 +179,14 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
             lam = torch.where(better, lam / 3, lam * 5)
             if gain < tol:  # no subject's log posterior moved by more than tol nats
                 break
-        if n_iter:
-            resid, ja, jb = _residuals_and_jacobians(module, sig, tim, msk, a, b, step, step_rates(b, step))
+        if n_iter:  # the final Jacobian at the mode; rows whose rate outgrew the search's steps are re-solved
+            final_rates = step_rates(b, 0.0)
+            fresh = None
+            if final_rates is not None:
+                fresh = final_rates > search_rates
+                final_rates = torch.maximum(final_rates, search_rates)
+            resid, ja, jb = _residuals_and_jacobians(module, sig, tim, msk, a, b, step, final_rates,
+                                                     base=resid if fresh is not None else None, fresh=fresh)
         parts.append((a, b, (ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), (resid ** 2).sum(-1)))
     a, b, jaa, jab, jbb, sse = (torch.cat(p).double() for p in zip(*parts))
     haa, hab, hbb = jaa / h2 + 1 / sa ** 2, jab / h2, jbb / h2 + torch.where(has_rate, 1 / sb ** 2, 1.0)
