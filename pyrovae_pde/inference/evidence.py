@@ -173,19 +173,17 @@ def laplace_proposal(module: MixturePDE, data: CohortTensors, n_iter: int = 10, 
 
     ``laplace.laplace_fit`` in float64 (Levenberg-Marquardt from the guide's means, at most
     ``n_iter`` iterations), with the guide's median noise during the search and the least-squares
-    noise estimate (each subject's best component) for the final Gauss-Newton Hessian, whose
-    inverse times ``inflate`` is the Gaussian's covariance. Subjects without later visits keep
+    noise estimate (each subject's best component) for the final
+    Gauss-Newton Hessian, whose inverse times ``inflate`` is the Gaussian's covariance. Subjects without later visits keep
     the prior's curvature.
     """
     guide = guide_proposal(module, data)
     sigma = float(observation_sd(torch.exp(module.noise_loc.detach())))
     fit = laplace_fit(module, data, sigma, n_iter=n_iter, step=step, tol=tol, batch_size=batch_size,
-                      dtype=DTYPE, start=GuideSummary(guide.d_loc, guide.d_scale, guide.r_loc, guide.r_scale))
+                      dtype=DTYPE, start=GuideSummary(guide.d_loc, guide.d_scale, guide.r_loc, guide.r_scale),
+                      broyden=False)
     pri = module.priors
-    if float(fit.n_obs.sum()) > 0:
-        s2 = float(fit.sse.min(dim=1).values.sum() / fit.n_obs.sum())
-    else:
-        s2 = sigma ** 2
+    s2 = float(fit.sse.min(dim=1).values.sum() / fit.n_obs.sum()) if float(fit.n_obs.sum()) > 0 else sigma ** 2
     haa = fit.jtj[..., 0] / s2 + 1 / pri.diffusivity.scale ** 2
     hab = fit.jtj[..., 1] / s2
     hbb = fit.jtj[..., 2] / s2 + torch.where(fit.has_rate, 1 / pri.reaction.scale ** 2, 1.0)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.cohort import CohortTensors
-from ..model.module import MixturePDE
+from ..model.module import NOISE_FLOOR, MixturePDE
 from .encoding import GuideSummary, encode_cohort
 
 LOG_2PI = math.log(2 * math.pi)
@@ -95,8 +95,8 @@ def _residuals(module: MixturePDE, signal: torch.Tensor, times: torch.Tensor, ma
 
 def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter: int = 4,
                 step: float | None = None, tol: float = 1e-2, batch_size: int | None = None,
-                dtype: torch.dtype = torch.float32, hessian_noise_sd: float | None = None,
-                start: GuideSummary | None = None) -> LaplaceFit:
+                dtype: torch.dtype = torch.float32, hessian_noise_sd: float | str | None = None,
+                start: GuideSummary | None = None, broyden: bool = True) -> LaplaceFit:
     """Levenberg-Marquardt mode and Laplace approximation of p(log D, log r | x_i, subtype k).
 
     The Jacobian is a forward difference at the start and at the end; in between each iteration
@@ -108,8 +108,14 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
             once no log posterior improves by more than ``tol`` nats.
         step: finite-difference step in log space (default 1e-2 in float32, 1e-4 in float64).
         dtype: precision of the solves.
-        hessian_noise_sd: sigma for the final Hessian and evidence (default ``noise_sd``).
+        hessian_noise_sd: sigma for the final Hessian and evidence (default ``noise_sd``), or
+            ``"least_squares"``: the pooled residual sd at the modes (each subject's best
+            component), with the model's noise floor; the noise the SVI fit learns also absorbs
+            the encoder's amortization error, which the refined modes no longer have.
         start: the guide's summary if already computed (default: run the encoder).
+        broyden: update the Jacobian by secants between iterations (one point per iteration);
+            False: a forward-difference Jacobian at every trial point (three points, slower, a
+            more precise mode for proposals that must be well centred).
     Subjects without later visits keep the prior (their evidence is 0).
     """
     guide = start if start is not None else encode_cohort(module, data.to(data.signal.device, torch.float32))
@@ -123,7 +129,6 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
     if batch_size is None:  # about 4e6 residual values per batch and point
         batch_size = max(1, int(4e6 // (k * data.signal.shape[1] * data.signal.shape[2])))
     s2 = float(noise_sd) ** 2
-    h2 = float(hessian_noise_sd if hessian_noise_sd is not None else noise_sd) ** 2
     a_all = guide.d_loc.to(dtype).clone()
     b_all = torch.where(has_rate, guide.r_loc, torch.zeros_like(guide.r_loc)).to(dtype).clone()
 
@@ -164,14 +169,19 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
             step_b = -(daa * gb - hab * ga) / det * rate_f
             size = torch.maximum(step_a.abs(), step_b.abs()).clamp_min(1.0)  # at most e-fold per step
             a1, b1 = a + step_a / size, b + step_b / size
-            resid1 = _residuals(module, sig, tim, msk, a1, b1, search_rates)
+            if broyden:
+                resid1 = _residuals(module, sig, tim, msk, a1, b1, search_rates)
+                # Correct J along the step so that it maps the step onto the change in residuals.
+                da, db = (a1 - a)[..., None], (b1 - b)[..., None]
+                miss = resid1 - resid - ja * da - jb * db
+                norm2 = (da ** 2 + db ** 2).clamp_min(1e-30)
+                ja, jb = ja + miss * da / norm2, jb + miss * db / norm2 * rate_f[:, None]
+            else:
+                resid1, ja1, jb1 = _residuals_and_jacobians(module, sig, tim, msk, a1, b1, step, search_rates)
             obj1 = objective(resid1, a1, b1, s2)
-            # Broyden: correct J along the step so that it maps the step onto the change in residuals.
-            da, db = (a1 - a)[..., None], (b1 - b)[..., None]
-            miss = resid1 - resid - ja * da - jb * db
-            norm2 = (da ** 2 + db ** 2).clamp_min(1e-30)
-            ja, jb = ja + miss * da / norm2, jb + miss * db / norm2 * rate_f[:, None]
             better = obj1 < obj
+            if not broyden:
+                ja, jb = (torch.where(better[..., None], new, old) for new, old in ((ja1, ja), (jb1, jb)))
             gain = float(torch.where(better, obj - obj1, torch.zeros_like(obj)).max())
             a, b = torch.where(better, a1, a), torch.where(better, b1, b)
             resid = torch.where(better[..., None], resid1, resid)
@@ -189,11 +199,16 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
                                                      base=resid if fresh is not None else None, fresh=fresh)
         parts.append((a, b, (ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), (resid ** 2).sum(-1)))
     a, b, jaa, jab, jbb, sse = (torch.cat(p).double() for p in zip(*parts))
+    n_obs = data.observed[:, 1:].double().sum(1) * data.signal.shape[-1]
+    if hessian_noise_sd == "least_squares":
+        pooled = float(sse.min(dim=1).values.sum() / n_obs.sum()) if float(n_obs.sum()) > 0 else 0.0
+        h2 = pooled + NOISE_FLOOR ** 2
+    else:
+        h2 = float(hessian_noise_sd if hessian_noise_sd is not None else noise_sd) ** 2
     haa, hab, hbb = jaa / h2 + 1 / sa ** 2, jab / h2, jbb / h2 + torch.where(has_rate, 1 / sb ** 2, 1.0)
     det = haa * hbb - hab ** 2
     cov = torch.stack([torch.stack([hbb, -hab], -1), torch.stack([-hab, haa], -1)], -2) / det[..., None, None]
     rate_d = has_rate.double()
-    n_obs = data.observed[:, 1:].double().sum(1) * data.signal.shape[-1]
     log_lik = -0.5 * sse / h2 - n_obs[:, None] * 0.5 * (math.log(h2) + LOG_2PI)
     log_prior = (-0.5 * ((a - la) / sa) ** 2 - math.log(sa) - 0.5 * LOG_2PI
                  + rate_d * (-0.5 * ((b - lb) / sb) ** 2 - math.log(sb) - 0.5 * LOG_2PI))

@@ -43,14 +43,16 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
 
     ``refine=True`` (default): each (subject, component) posterior is the Laplace approximation
     at the mode found by ``n_iter`` Levenberg-Marquardt iterations from the guide's means
-    (``laplace.laplace_fit``, float32 solves), and Z_ik its Laplace evidence; this removes the
-    encoder's amortization error from the subtype decision and the D, r summaries.
+    (``laplace.laplace_fit``, float32 solves), and Z_ik its Laplace evidence, both at the pooled
+    least-squares noise sd of the cohort's modes (the SVI noise also absorbs the encoder's error);
+    this removes the encoder's amortization error from the subtype decision and the D, r summaries.
     ``refine=False``: the amortized guide alone, Z_ik by importance sampling with ``n_particles``
     draws from it (``seed``); faster per subject, but as good only as the encoder.
     """
     weights, noise = global_means(module)
     if refine:
-        fit = laplace_fit(module, data, float(evidence.observation_sd(noise)), n_iter=n_iter)
+        fit = laplace_fit(module, data, float(evidence.observation_sd(noise)), n_iter=n_iter,
+                          hessian_noise_sd="least_squares")
         log_evidence = fit.log_evidence
         summary = GuideSummary(fit.mean[..., 0], torch.sqrt(fit.cov[..., 0, 0]),
                                torch.where(fit.has_rate, fit.mean[..., 1], torch.nan),
