@@ -48,10 +48,9 @@ from ..data.cohort import CohortTensors
 from ..model import module as _module_def
 from ..model.module import MixturePDE
 from .encoding import GuideSummary, encode_cohort
-from .laplace import laplace_fit
+from .laplace import LOG_2PI, laplace_fit, pooled_residual_variance
 
 DTYPE = torch.float64
-LOG_2PI = math.log(2 * math.pi)
 NOISE_FLOOR = float(getattr(_module_def, "NOISE_FLOOR", 0.0))
 
 
@@ -173,22 +172,17 @@ def laplace_proposal(module: MixturePDE, data: CohortTensors, n_iter: int = 10, 
 
     ``laplace.laplace_fit`` in float64 (Levenberg-Marquardt from the guide's means, at most
     ``n_iter`` iterations), with the guide's median noise during the search and the least-squares
-    noise estimate (each subject's best component) for the final
-    Gauss-Newton Hessian, whose inverse times ``inflate`` is the Gaussian's covariance. Subjects without later visits keep
-    the prior's curvature.
+    noise estimate (each subject's best component) for the final Gauss-Newton Hessian, whose
+    inverse times ``inflate`` is the Gaussian's covariance. Subjects without later visits keep the
+    prior's curvature.
     """
     guide = guide_proposal(module, data)
     sigma = float(observation_sd(torch.exp(module.noise_loc.detach())))
     fit = laplace_fit(module, data, sigma, n_iter=n_iter, step=step, tol=tol, batch_size=batch_size,
                       dtype=DTYPE, start=GuideSummary(guide.d_loc, guide.d_scale, guide.r_loc, guide.r_scale),
                       broyden=False)
-    pri = module.priors
-    s2 = float(fit.sse.min(dim=1).values.sum() / fit.n_obs.sum()) if float(fit.n_obs.sum()) > 0 else sigma ** 2
-    haa = fit.jtj[..., 0] / s2 + 1 / pri.diffusivity.scale ** 2
-    hab = fit.jtj[..., 1] / s2
-    hbb = fit.jtj[..., 2] / s2 + torch.where(fit.has_rate, 1 / pri.reaction.scale ** 2, 1.0)
-    det = haa * hbb - hab ** 2
-    cov = torch.stack([torch.stack([hbb, -hab], -1), torch.stack([-hab, haa], -1)], -2) / det[..., None, None]
+    pooled = pooled_residual_variance(fit.sse, fit.n_obs)
+    cov = fit.covariance(sigma ** 2 if pooled is None else pooled, module.priors)
     return Proposal(guide.d_loc, guide.d_scale, guide.r_loc, guide.r_scale, guide.has_rate, fit.mean,
                     cov * inflate, defensive)
 

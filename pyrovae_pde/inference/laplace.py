@@ -3,9 +3,9 @@
 For subject i and component k, theta = (a, b) = (log D, log r) has a Normal prior (the LogNormal
 priors in log space) and the likelihood of the later observed visits given the PDE solution,
 Normal with the observation sd sigma. ``laplace_fit`` finds the mode by Levenberg-Marquardt,
-started at the amortized guide's means, with forward-difference Jacobians (the base point and both
-shifted points go through ONE batched solve per iteration, for every component at once), and
-returns the Gaussian approximation N(mode, H^-1), H the Gauss-Newton Hessian of the negative log
+started at the amortized guide's means (every component of every subject in a batch goes through
+one batched solve per evaluation), with forward-difference Jacobians at the start and at the mode
+and Broyden updates in between, and returns the Gaussian approximation N(mode, H^-1), H the Gauss-Newton Hessian of the negative log
 posterior, and the Laplace estimate of the evidence
 
     log p(x_i | k) ~= log p(x_i | theta*) + log p(theta*) + (d/2) log(2 pi) - (1/2) log det H,
@@ -44,6 +44,34 @@ class LaplaceFit:
     has_rate: torch.Tensor
     jtj: torch.Tensor
 
+    def covariance(self, variance: float, priors) -> torch.Tensor:
+        """Inverse Gauss-Newton Hessian (N, K, 2, 2) at the modes for observation variance ``variance``."""
+        return _inverse(*_hessian(self.jtj[..., 0], self.jtj[..., 1], self.jtj[..., 2], variance, priors,
+                                  self.has_rate))[0]
+
+
+def _hessian(jaa: torch.Tensor, jab: torch.Tensor, jbb: torch.Tensor, variance: float, priors,
+             has_rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gauss-Newton Hessian entries (aa, ab, bb) of the negative log posterior over (log D, log r),
+    from the likelihood's J^T J entries; rate-free components get a unit placeholder for bb."""
+    return (jaa / variance + 1 / priors.diffusivity.scale ** 2, jab / variance,
+            jbb / variance + torch.where(has_rate, 1 / priors.reaction.scale ** 2, 1.0))
+
+
+def _inverse(haa: torch.Tensor, hab: torch.Tensor, hbb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse (..., 2, 2) and determinant (...) of the symmetric 2 x 2 matrices [[haa, hab], [hab, hbb]]."""
+    det = haa * hbb - hab ** 2
+    inv = torch.stack([torch.stack([hbb, -hab], -1), torch.stack([-hab, haa], -1)], -2) / det[..., None, None]
+    return inv, det
+
+
+def pooled_residual_variance(sse: torch.Tensor, n_obs: torch.Tensor) -> float | None:
+    """Residual variance pooled over subjects at each subject's best component: sse (N, K), n_obs (N,).
+    None when no subject has a later observed visit."""
+    if float(n_obs.sum()) <= 0:
+        return None
+    return float(sse.min(dim=1).values.sum() / n_obs.sum())
+
 
 def _residuals_and_jacobians(module: MixturePDE, signal: torch.Tensor, times: torch.Tensor,
                              mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, step: float,
@@ -54,36 +82,30 @@ def _residuals_and_jacobians(module: MixturePDE, signal: torch.Tensor, times: to
     All points share the step counts set by ``step_rates`` (B,), so the difference sees the PDE's
     dependence on theta, not a change of discretisation. ``base``: residuals at theta already
     solved with these step counts, except for the rows where ``fresh`` (B,) is True."""
-    rate = module.rate_index
     n = a.shape[0]
     rows = torch.arange(n, device=a.device)
     if base is not None:
         rows = rows[fresh]
     points_a, points_b, index = [a[rows], a + step], [b[rows], b], [rows, torch.arange(n, device=a.device)]
-    if rate:
+    if module.rate_index:
         points_a.append(a)
         points_b.append(b + step)
         index.append(index[1])
     index = torch.cat(index)
-    big_a, big_b = torch.cat(points_a), torch.cat(points_b)  # (rows + 2 B, K)
-    with torch.no_grad():
-        fields = module.predict(signal[index, 0], times[index], torch.exp(big_a),
-                                torch.exp(big_b[:, rate]) if rate else None,
-                                step_rates=step_rates[index] if step_rates is not None else None)
-    resid = (fields[:, :, 1:] - signal[index][:, None, 1:]) * mask[index][:, None, :, None]
-    resid = resid.reshape(resid.shape[0], a.shape[1], -1)
+    resid = _residuals(module, signal[index], times[index], mask[index], torch.cat(points_a), torch.cat(points_b),
+                       step_rates[index] if step_rates is not None else None)  # (rows + 2 B, K, M)
     start = resid[:len(rows)]
     if base is not None:
         start = base.clone()
         start[rows] = resid[:len(rows)]
     shifted = resid[len(rows):].reshape(-1, n, *resid.shape[1:])
     ja = (shifted[0] - start) / step
-    jb = (shifted[1] - start) / step if rate else torch.zeros_like(ja)
+    jb = (shifted[1] - start) / step if module.rate_index else torch.zeros_like(ja)
     return start, ja, jb
 
 
 def _residuals(module: MixturePDE, signal: torch.Tensor, times: torch.Tensor, mask: torch.Tensor,
-               a: torch.Tensor, b: torch.Tensor, step_rates: torch.Tensor) -> torch.Tensor:
+               a: torch.Tensor, b: torch.Tensor, step_rates: torch.Tensor | None) -> torch.Tensor:
     """Residuals (B, K, M) at theta = (a, b), with the solver's step counts set by ``step_rates``."""
     rate = module.rate_index
     with torch.no_grad():
@@ -136,12 +158,6 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
         return (0.5 * (resid ** 2).sum(-1) / var + 0.5 * ((a - la) / sa) ** 2
                 + rate_f * 0.5 * ((b - lb) / sb) ** 2)
 
-    def hessian(ja, jb, var):
-        haa = (ja ** 2).sum(-1) / var + 1 / sa ** 2
-        hab = (ja * jb).sum(-1) / var
-        hbb = (jb ** 2).sum(-1) / var + torch.where(has_rate, 1 / sb ** 2, 1.0)
-        return haa, hab, hbb
-
     rate_index = module.rate_index
 
     def step_rates(b, margin):  # solver step counts of a subject: its largest rate, times a margin
@@ -160,7 +176,7 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
         obj = objective(resid, a, b, s2)
         lam = torch.full_like(a, 1e-2)
         for _ in range(n_iter):
-            haa, hab, hbb = hessian(ja, jb, s2)
+            haa, hab, hbb = _hessian((ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), s2, pri, has_rate)
             ga = (ja * resid).sum(-1) / s2 + (a - la) / sa ** 2
             gb = (jb * resid).sum(-1) / s2 + rate_f * (b - lb) / sb ** 2
             daa, dbb = haa * (1 + lam), hbb * (1 + lam)
@@ -201,13 +217,10 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
     a, b, jaa, jab, jbb, sse = (torch.cat(p).double() for p in zip(*parts))
     n_obs = data.observed[:, 1:].double().sum(1) * data.signal.shape[-1]
     if hessian_noise_sd == "least_squares":
-        pooled = float(sse.min(dim=1).values.sum() / n_obs.sum()) if float(n_obs.sum()) > 0 else 0.0
-        h2 = pooled + NOISE_FLOOR ** 2
+        h2 = (pooled_residual_variance(sse, n_obs) or 0.0) + NOISE_FLOOR ** 2
     else:
         h2 = float(hessian_noise_sd if hessian_noise_sd is not None else noise_sd) ** 2
-    haa, hab, hbb = jaa / h2 + 1 / sa ** 2, jab / h2, jbb / h2 + torch.where(has_rate, 1 / sb ** 2, 1.0)
-    det = haa * hbb - hab ** 2
-    cov = torch.stack([torch.stack([hbb, -hab], -1), torch.stack([-hab, haa], -1)], -2) / det[..., None, None]
+    cov, det = _inverse(*_hessian(jaa, jab, jbb, h2, pri, has_rate))
     rate_d = has_rate.double()
     log_lik = -0.5 * sse / h2 - n_obs[:, None] * 0.5 * (math.log(h2) + LOG_2PI)
     log_prior = (-0.5 * ((a - la) / sa) ** 2 - math.log(sa) - 0.5 * LOG_2PI
