@@ -11,6 +11,9 @@ per-subject least-squares fit of each PDE (scipy ``least_squares`` on a sample o
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_model.py --scenario paper-clean --subjects 1000
 
+``--device cuda`` fits and predicts on the GPU; the default predict is then also timed on CPU in
+the same run (``predict_cpu_seconds``), so the two can be compared on one machine.
+
 Peak memory is the process's maximum resident set size (``ru_maxrss``) at the end of the run.
 """
 from __future__ import annotations
@@ -68,6 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classic-subjects", type=int, default=3, help="subjects timed for the classic fit")
     parser.add_argument("--json", help="write the figures here too")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where fit and predict run")
     args = parser.parse_args(argv)
     sc = SCENARIOS[args.scenario]
 
@@ -77,17 +81,23 @@ def main(argv=None) -> int:
                        components=sc["components"])
     model = SubtypeModel(sc["components"], priors=sc["priors"])
     start = time.perf_counter()
-    model.fit(train_ds, epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty())
+    model.fit(train_ds, epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty(), device=args.device)
     fit_s = time.perf_counter() - start
     rss_after_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     start = time.perf_counter()
-    fast = model.posterior(test_ds, refine=False)
+    fast = model.posterior(test_ds, refine=False, device=args.device)
     fast_s = time.perf_counter() - start
     fast_metrics = recovery_metrics(fast, test_ds)
     start = time.perf_counter()
-    post = model.posterior(test_ds)
+    post = model.posterior(test_ds, device=args.device)
     predict_s = time.perf_counter() - start
     metrics = recovery_metrics(post, test_ds)
+    on_cpu = {}
+    if args.device != "cpu":
+        start = time.perf_counter()
+        cpu_post = model.posterior(test_ds)
+        on_cpu["predict_cpu_seconds"] = round(time.perf_counter() - start, 2)
+        on_cpu["cpu_vs_device_max_prob_diff"] = float(abs(cpu_post["subtype_prob"] - post["subtype_prob"]).max())
     classic_s = classic_fit_seconds_per_subject(test_ds, sc["components"], args.classic_subjects)
     result = {
         "scenario": args.scenario, "train_subjects": args.subjects, "test_subjects": args.test_subjects,
@@ -101,7 +111,10 @@ def main(argv=None) -> int:
         "no_refine_metrics": {k: round(v, 4) for k, v in fast_metrics.items()},
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
         "peak_rss_after_fit_gb": round(rss_after_fit, 2),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", **on_cpu,
+        **({"peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)}
+           if args.device.startswith("cuda") else {}),
         **{k: round(v, 4) for k, v in metrics.items()},
         "weights": {str(k): round(float(v), 3) for k, v in zip(post["subtype"].values, post["weights"].values)},
     }

@@ -143,13 +143,14 @@ class Proposal:
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """n draws of (log D, log r), each (n, N, K); log r is 0 where there is no rate."""
         d_loc, d_scale, r_loc, r_scale = self._guide_params()
-        eps = torch.randn((n, *d_loc.shape, 2), generator=generator, dtype=DTYPE)
+        # drawn on the (CPU) generator, then moved: the same draws on CPU and CUDA
+        eps = torch.randn((n, *d_loc.shape, 2), generator=generator, dtype=DTYPE).to(d_loc.device)
         a = d_loc + d_scale * eps[..., 0]
         b = r_loc + r_scale * eps[..., 1]
         if self.mean is not None:
             chol = torch.linalg.cholesky(self.cov)  # (N, K, 2, 2)
             lap = self.mean + (chol @ eps[..., None])[..., 0]
-            use_guide = torch.rand((n, *d_loc.shape), generator=generator, dtype=DTYPE) < self.defensive
+            use_guide = torch.rand((n, *d_loc.shape), generator=generator, dtype=DTYPE).to(d_loc.device) < self.defensive
             a = torch.where(use_guide, a, lap[..., 0])
             b = torch.where(use_guide, b, lap[..., 1])
         b = torch.where(self.has_rate, b, torch.zeros_like(b))
@@ -160,7 +161,7 @@ def guide_proposal(module: MixturePDE, data: CohortTensors) -> Proposal:
     """The amortized guide as proposal (``posterior_dataset(refine=False)`` uses it)."""
     dtype = next(module.parameters()).dtype
     s = encode_cohort(module, data.to(data.signal.device, dtype))
-    has_rate = torch.zeros(module.n_components, dtype=torch.bool)
+    has_rate = torch.zeros(module.n_components, dtype=torch.bool, device=s.d_loc.device)
     has_rate[module.rate_index] = True
     return Proposal(s.d_loc.to(DTYPE), s.d_scale.to(DTYPE), s.r_loc.to(DTYPE), s.r_scale.to(DTYPE), has_rate)
 
@@ -239,9 +240,10 @@ def particle_stats(module: MixturePDE, data: CohortTensors, n_particles: int = 3
         resid = (signal[None, :, None, 1:] - fields[:, :, :, 1:]) * observed[sl][None, :, None, :, None]
         sse[:, sl] = (resid ** 2).sum(dim=(-1, -2))
         if kept is not None:
-            kept[:, sl] = fields.to(torch.float32)
-    stats = ParticleStats(list(data.subjects), tuple(module.components), sse, log_ratio, n_obs, d, r,
-                          proposal=kind, fields=kept)
+            kept[:, sl] = fields.to(torch.float32).cpu()
+    # the solves may run on CUDA; the statistics are small and everything downstream is on CPU
+    stats = ParticleStats(list(data.subjects), tuple(module.components), sse.cpu(), log_ratio.cpu(), n_obs.cpu(),
+                          d.cpu(), r.cpu(), proposal=kind, fields=kept)
     stats.noise_ref = profile_noise(stats)
     return stats
 

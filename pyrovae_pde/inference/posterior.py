@@ -49,11 +49,11 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
     ``refine=False``: the amortized guide alone, Z_ik by importance sampling with ``n_particles``
     draws from it (``seed``); faster per subject, but as good only as the encoder.
     """
-    weights, noise = global_means(module)
+    weights, noise = (t.cpu() for t in global_means(module))  # the per-subject work may run on CUDA
     if refine:
         fit = laplace_fit(module, data, float(evidence.observation_sd(noise)), n_iter=n_iter,
                           hessian_noise_sd="least_squares")
-        log_evidence = fit.log_evidence
+        log_evidence = fit.log_evidence.cpu()
         summary = GuideSummary(fit.mean[..., 0], torch.sqrt(fit.cov[..., 0, 0]),
                                torch.where(fit.has_rate, fit.mean[..., 1], torch.nan),
                                torch.where(fit.has_rate, torch.sqrt(fit.cov[..., 1, 1]), torch.nan))
