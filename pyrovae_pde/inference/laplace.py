@@ -76,7 +76,7 @@ def pooled_residual_variance(sse: torch.Tensor, n_obs: torch.Tensor) -> float | 
 def _residuals_and_jacobians(module: MixturePDE, signal: torch.Tensor, times: torch.Tensor,
                              mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, step: float,
                              step_rates: torch.Tensor | None, base: torch.Tensor | None = None,
-                             fresh: torch.Tensor | None = None):
+                             fresh: torch.Tensor | None = None, coarse: bool = False):
     """Residuals (B, K, M) at theta = (a, b) (B, K) and forward-difference Jacobian columns.
 
     All points share the step counts set by ``step_rates`` (B,), so the difference sees the PDE's
@@ -93,7 +93,7 @@ def _residuals_and_jacobians(module: MixturePDE, signal: torch.Tensor, times: to
         index.append(index[1])
     index = torch.cat(index)
     resid = _residuals(module, signal[index], times[index], mask[index], torch.cat(points_a), torch.cat(points_b),
-                       step_rates[index] if step_rates is not None else None)  # (rows + 2 B, K, M)
+                       step_rates[index] if step_rates is not None else None, coarse)  # (rows + 2 B, K, M)
     start = resid[:len(rows)]
     if base is not None:
         start = base.clone()
@@ -105,12 +105,13 @@ def _residuals_and_jacobians(module: MixturePDE, signal: torch.Tensor, times: to
 
 
 def _residuals(module: MixturePDE, signal: torch.Tensor, times: torch.Tensor, mask: torch.Tensor,
-               a: torch.Tensor, b: torch.Tensor, step_rates: torch.Tensor | None) -> torch.Tensor:
+               a: torch.Tensor, b: torch.Tensor, step_rates: torch.Tensor | None,
+               coarse: bool = False) -> torch.Tensor:
     """Residuals (B, K, M) at theta = (a, b), with the solver's step counts set by ``step_rates``."""
     rate = module.rate_index
     with torch.no_grad():
         fields = module.predict(signal[:, 0], times, torch.exp(a), torch.exp(b[:, rate]) if rate else None,
-                                step_rates=step_rates)
+                                step_rates=step_rates, coarse=coarse)
     resid = (fields[:, :, 1:] - signal[:, None, 1:]) * mask[:, None, :, None]
     return resid.reshape(*resid.shape[:2], -1)
 
@@ -118,7 +119,7 @@ def _residuals(module: MixturePDE, signal: torch.Tensor, times: torch.Tensor, ma
 def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter: int = 4,
                 step: float | None = None, tol: float = 1e-2, batch_size: int | None = None,
                 dtype: torch.dtype = torch.float32, hessian_noise_sd: float | str | None = None,
-                start: GuideSummary | None = None, broyden: bool = True) -> LaplaceFit:
+                start: GuideSummary | None = None, broyden: bool = True, two_level: bool = False) -> LaplaceFit:
     """Levenberg-Marquardt mode and Laplace approximation of p(log D, log r | x_i, subtype k).
 
     The Jacobian is a forward difference at the start and at the end; in between each iteration
@@ -138,6 +139,12 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
         broyden: update the Jacobian by secants between iterations (one point per iteration);
             False: a forward-difference Jacobian at every trial point (three points, slower, a
             more precise mode for proposals that must be well centred).
+        two_level: search (and take the Jacobians) with coarse solves (plain Strang steps of the
+            model's ``reaction_step``, a fifth to a third of the cost of its own solver); then
+            solve once with the model's solver at the search's mode, move towards the mode of
+            that objective by one Gauss-Newton step, and take the residuals there as a coarse
+            solve plus the fine-minus-coarse defect at the search's mode. The defect is smooth
+            in theta, so the step is small (checked against ``two_level=False`` in the tests).
     Subjects without later visits keep the prior (their evidence is 0).
     """
     guide = start if start is not None else encode_cohort(module, data.to(data.signal.device, torch.float32))
@@ -160,6 +167,17 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
 
     rate_index = module.rate_index
 
+    def damped_step(resid, ja, jb, a, b, lam):  # Levenberg-Marquardt step at damping lam, at most e-fold
+        haa, hab, hbb = _hessian((ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), s2, pri, has_rate)
+        ga = (ja * resid).sum(-1) / s2 + (a - la) / sa ** 2
+        gb = (jb * resid).sum(-1) / s2 + rate_f * (b - lb) / sb ** 2
+        daa, dbb = haa * (1 + lam), hbb * (1 + lam)
+        det = daa * dbb - hab ** 2
+        step_a = -(dbb * ga - hab * gb) / det
+        step_b = -(daa * gb - hab * ga) / det * rate_f
+        size = torch.maximum(step_a.abs(), step_b.abs()).clamp_min(1.0)
+        return step_a / size, step_b / size
+
     def step_rates(b, margin):  # solver step counts of a subject: its largest rate, times a margin
         return torch.exp(b[:, rate_index]).amax(dim=1) * math.exp(margin) if rate_index else None
 
@@ -172,28 +190,23 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
         # The search keeps one discretisation per subject, so that its comparisons of the objective
         # see theta, not the step counts; the final Jacobian gets its own at the mode.
         search_rates = step_rates(b, SEARCH_RATE_MARGIN)
-        resid, ja, jb = _residuals_and_jacobians(module, sig, tim, msk, a, b, step, search_rates)
+        resid, ja, jb = _residuals_and_jacobians(module, sig, tim, msk, a, b, step, search_rates,
+                                                 coarse=two_level)
         obj = objective(resid, a, b, s2)
         lam = torch.full_like(a, 1e-2)
         for _ in range(n_iter):
-            haa, hab, hbb = _hessian((ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), s2, pri, has_rate)
-            ga = (ja * resid).sum(-1) / s2 + (a - la) / sa ** 2
-            gb = (jb * resid).sum(-1) / s2 + rate_f * (b - lb) / sb ** 2
-            daa, dbb = haa * (1 + lam), hbb * (1 + lam)
-            det = daa * dbb - hab ** 2
-            step_a = -(dbb * ga - hab * gb) / det
-            step_b = -(daa * gb - hab * ga) / det * rate_f
-            size = torch.maximum(step_a.abs(), step_b.abs()).clamp_min(1.0)  # at most e-fold per step
-            a1, b1 = a + step_a / size, b + step_b / size
+            step_a, step_b = damped_step(resid, ja, jb, a, b, lam)
+            a1, b1 = a + step_a, b + step_b
             if broyden:
-                resid1 = _residuals(module, sig, tim, msk, a1, b1, search_rates)
+                resid1 = _residuals(module, sig, tim, msk, a1, b1, search_rates, two_level)
                 # Correct J along the step so that it maps the step onto the change in residuals.
                 da, db = (a1 - a)[..., None], (b1 - b)[..., None]
                 miss = resid1 - resid - ja * da - jb * db
                 norm2 = (da ** 2 + db ** 2).clamp_min(1e-30)
                 ja, jb = ja + miss * da / norm2, jb + miss * db / norm2 * rate_f[:, None]
             else:
-                resid1, ja1, jb1 = _residuals_and_jacobians(module, sig, tim, msk, a1, b1, step, search_rates)
+                resid1, ja1, jb1 = _residuals_and_jacobians(module, sig, tim, msk, a1, b1, step, search_rates,
+                                                            coarse=two_level)
             obj1 = objective(resid1, a1, b1, s2)
             better = obj1 < obj
             if not broyden:
@@ -205,14 +218,22 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
             lam = torch.where(better, lam / 3, lam * 5)
             if gain < tol:  # no subject's log posterior moved by more than tol nats
                 break
-        if n_iter:  # the final Jacobian at the mode; rows whose rate outgrew the search's steps are re-solved
+        if n_iter or two_level:  # the final Jacobian at the mode; rows whose rate outgrew the search's steps are re-solved
             final_rates = step_rates(b, 0.0)
             fresh = None
             if final_rates is not None:
                 fresh = final_rates > search_rates
                 final_rates = torch.maximum(final_rates, search_rates)
             resid, ja, jb = _residuals_and_jacobians(module, sig, tim, msk, a, b, step, final_rates,
-                                                     base=resid if fresh is not None else None, fresh=fresh)
+                                                     base=resid if fresh is not None else None, fresh=fresh,
+                                                     coarse=two_level)
+            if two_level:  # one solve with the model's own solver, then one Gauss-Newton step on its objective
+                fine = _residuals(module, sig, tim, msk, a, b, final_rates)
+                step_a, step_b = damped_step(fine, ja, jb, a, b, torch.zeros_like(lam))
+                a, b = a + step_a, b + step_b
+                # Defect correction: the coarse residuals there plus the fine-minus-coarse defect at
+                # the search's mode (smooth in theta), instead of the linear model's prediction.
+                resid = _residuals(module, sig, tim, msk, a, b, final_rates, True) + (fine - resid)
         parts.append((a, b, (ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), (resid ** 2).sum(-1)))
     a, b, jaa, jab, jbb, sse = (torch.cat(p).double() for p in zip(*parts))
     n_obs = data.observed[:, 1:].double().sum(1) * data.signal.shape[-1]

@@ -43,7 +43,8 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
 
     ``refine=True`` (default): each (subject, component) posterior is the Laplace approximation
     at the mode found by ``n_iter`` Levenberg-Marquardt iterations from the guide's means
-    (``laplace.laplace_fit``, float32 solves), and Z_ik its Laplace evidence, both at the pooled
+    (``laplace.laplace_fit``, float32 coarse solves corrected by one solve with the model's own
+    solver: ``two_level``), and Z_ik its Laplace evidence, both at the pooled
     least-squares noise sd of the cohort's modes (the SVI noise also absorbs the encoder's error);
     this removes the encoder's amortization error from the subtype decision and the D, r summaries.
     ``refine=False``: the amortized guide alone, Z_ik by importance sampling with ``n_particles``
@@ -52,7 +53,7 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
     weights, noise = (t.cpu() for t in global_means(module))  # the per-subject work may run on CUDA
     if refine:
         fit = laplace_fit(module, data, float(evidence.observation_sd(noise)), n_iter=n_iter,
-                          hessian_noise_sd="least_squares")
+                          hessian_noise_sd="least_squares", two_level=True)
         log_evidence = fit.log_evidence.cpu()
         summary = GuideSummary(fit.mean[..., 0], torch.sqrt(fit.cov[..., 0, 0]),
                                torch.where(fit.has_rate, fit.mean[..., 1], torch.nan),

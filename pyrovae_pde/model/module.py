@@ -100,15 +100,19 @@ class MixturePDE(nn.Module):
         return out
 
     def predict(self, u0: torch.Tensor, times: torch.Tensor, diffusivity: torch.Tensor,
-                reaction: torch.Tensor | None, step_rates: torch.Tensor | None = None) -> torch.Tensor:
+                reaction: torch.Tensor | None, step_rates: torch.Tensor | None = None,
+                coarse: bool = False) -> torch.Tensor:
         """u0 (B, n), times (B, T), diffusivity (B, K), reaction (B, K_r) -> fields (B, K, T, n).
 
         ``step_rates`` (B,): optional rates that fix the solver's step counts (see ``solve_active``).
+        ``coarse``: plain Strang steps of ``reaction_step`` in every interval, for searches whose
+        result is corrected with the default solve (a fraction of its cost, tens of times its error).
         """
         full = self.full_reaction(reaction, diffusivity)
         return solve_active(self.domain, u0, times, diffusivity, full, self.terms, method="auto",
                             reaction_step=self.reaction_step, max_steps=MAX_STEPS_PER_INTERVAL,
-                            initial_reaction_step=self.initial_reaction_step, step_rates=step_rates)
+                            initial_reaction_step=self.reaction_step if coarse else self.initial_reaction_step,
+                            step_rates=step_rates, extrapolate=not coarse)
 
     # ---------------------------------------------------------------- model and guide
     def _plates(self, n_total: int | None, batch: int, index: torch.Tensor | None, device):
