@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     parser.add_argument("--classic-subjects", type=int, default=3, help="subjects timed for the classic fit")
     parser.add_argument("--json", help="write the figures here too")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where fit and predict run")
+    parser.add_argument("--particles", type=int, default=0,
+                        help="also time and score predict with this many Laplace-proposal importance draws")
     args = parser.parse_args(argv)
     sc = SCENARIOS[args.scenario]
 
@@ -92,6 +94,12 @@ def main(argv=None) -> int:
     post = model.posterior(test_ds, device=args.device)
     predict_s = time.perf_counter() - start
     metrics = recovery_metrics(post, test_ds)
+    sampled = {}
+    if args.particles:
+        start = time.perf_counter()
+        is_post = model.posterior(test_ds, device=args.device, n_particles=args.particles)
+        sampled = {"particles": args.particles, "predict_particles_seconds": round(time.perf_counter() - start, 2),
+                   "particles_metrics": {k: round(v, 4) for k, v in recovery_metrics(is_post, test_ds).items()}}
     on_cpu = {}
     if args.device != "cpu":
         start = time.perf_counter()
@@ -108,7 +116,7 @@ def main(argv=None) -> int:
         "speedup_per_subject_vs_classic": round(classic_s / (predict_s / args.test_subjects), 1),
         "predict_no_refine_seconds": round(fast_s, 2),
         "speedup_no_refine_vs_classic": round(classic_s / (fast_s / args.test_subjects), 1),
-        "no_refine_metrics": {k: round(v, 4) for k, v in fast_metrics.items()},
+        "no_refine_metrics": {k: round(v, 4) for k, v in fast_metrics.items()}, **sampled,
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
         "peak_rss_after_fit_gb": round(rss_after_fit, 2),
         "torch_threads": torch.get_num_threads(), "device": args.device,

@@ -19,7 +19,7 @@ from ..data.cohort import CohortTensors
 from ..model.module import MixturePDE
 from . import evidence
 from .encoding import GuideSummary, encode_cohort, global_means  # noqa: F401 (re-exported)
-from .laplace import laplace_fit
+from .laplace import laplace_fit, pooled_residual_variance
 
 Z90 = 1.6448536269514722  # standard-normal quantile of 0.95
 
@@ -37,7 +37,33 @@ def lognormal_summary(loc: np.ndarray, scale: np.ndarray) -> dict[str, np.ndarra
             "_q05": np.exp(loc - Z90 * scale), "_q95": np.exp(loc + Z90 * scale)}
 
 
-def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int = 8, seed: int = 0,
+def weighted_summary(values: torch.Tensor, log_weights: torch.Tensor) -> dict[str, np.ndarray]:
+    """Mean, sd and 90% central interval of particles ``values`` (P, N, K) under the normalised
+    ``log_weights`` (P, N, K), per (subject, component). The quantiles interpolate the weighted
+    empirical distribution in log space, each particle at the midpoint of its weight (the plain
+    step function puts the 5% and 95% points inside the interval when particles are few)."""
+    w = torch.softmax(log_weights, dim=0)
+    mean = (w * values).sum(0)
+    sd = ((w * (values - mean) ** 2).sum(0)).clamp_min(0).sqrt()
+    logs = torch.log(values)
+    order = torch.argsort(logs, dim=0)
+    sorted_logs, sorted_w = torch.gather(logs, 0, order), torch.gather(w, 0, order)
+    mid = torch.cumsum(sorted_w, dim=0) - 0.5 * sorted_w  # (P, N, K) ascending
+    last = values.shape[0] - 1
+
+    def quantile(q: float) -> torch.Tensor:
+        upper = (mid < q).sum(0, keepdim=True).clamp(1, last) if last else torch.zeros_like(mid[:1], dtype=torch.long)
+        lower = (upper - 1).clamp_min(0)
+        m0, m1 = torch.gather(mid, 0, lower), torch.gather(mid, 0, upper)
+        v0, v1 = torch.gather(sorted_logs, 0, lower), torch.gather(sorted_logs, 0, upper)
+        frac = ((q - m0) / (m1 - m0).clamp_min(1e-300)).clamp(0.0, 1.0)
+        return torch.exp(v0 + frac * (v1 - v0))[0]
+
+    return {key: t.cpu().numpy().astype(float) for key, t in
+            (("", mean), ("_sd", sd), ("_q05", quantile(0.05)), ("_q95", quantile(0.95)))}
+
+
+def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int | None = None, seed: int = 0,
                       refine: bool = True, n_iter: int = 3) -> xr.Dataset:
     """The posterior contract (see ``data_schemas/posterior-v1.schema.json``) for ``data``'s subjects.
 
@@ -47,10 +73,20 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
     solver: ``two_level``), and Z_ik its Laplace evidence, both at the pooled
     least-squares noise sd of the cohort's modes (the SVI noise also absorbs the encoder's error);
     this removes the encoder's amortization error from the subtype decision and the D, r summaries.
+    With ``n_particles`` > 0 (refined), the Laplace approximations become importance-sampling
+    proposals (covariance inflated 2x, mixed with the guide): Z_ik and the D, r summaries are
+    then estimated from ``n_particles`` weighted draws solved with the model's solver, which
+    corrects a skewed or flat posterior (for instance D on a small graph, where large D
+    equilibrates the field) at the cost of ``n_particles`` solves per subject and component.
     ``refine=False``: the amortized guide alone, Z_ik by importance sampling with ``n_particles``
-    draws from it (``seed``); faster per subject, but as good only as the encoder.
+    draws from it (default 8, ``seed``); faster per subject, but as good only as the encoder.
     """
+    if n_particles is None:
+        n_particles = 0 if refine else 8
+    if n_particles < (0 if refine else 1):
+        raise ValueError(f"n_particles must be >= {0 if refine else 1}, got {n_particles}")
     weights, noise = (t.cpu() for t in global_means(module))  # the per-subject work may run on CUDA
+    summaries = None
     if refine:
         fit = laplace_fit(module, data, float(evidence.observation_sd(noise)), n_iter=n_iter,
                           hessian_noise_sd="least_squares", two_level=True)
@@ -58,6 +94,17 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
         summary = GuideSummary(fit.mean[..., 0], torch.sqrt(fit.cov[..., 0, 0]),
                                torch.where(fit.has_rate, fit.mean[..., 1], torch.nan),
                                torch.where(fit.has_rate, torch.sqrt(fit.cov[..., 1, 1]), torch.nan))
+        if n_particles:
+            guide = evidence.guide_proposal(module, data)
+            proposal = evidence.Proposal(guide.d_loc, guide.d_scale, guide.r_loc, guide.r_scale, guide.has_rate,
+                                         fit.mean.to(evidence.DTYPE), fit.cov.to(evidence.DTYPE) * 2.0)
+            stats = evidence.particle_stats(module, data, n_particles=n_particles, seed=seed, proposal=proposal)
+            variance = pooled_residual_variance(fit.sse, fit.n_obs)
+            sd = float(evidence.observation_sd(torch.tensor(0.0 if variance is None else variance ** 0.5)))
+            log_w = stats.log_weights(sd)  # (P, N, K) at the noise of the Laplace step
+            log_evidence = torch.logsumexp(log_w, dim=0) - np.log(n_particles)
+            summaries = {"diffusivity": weighted_summary(stats.diffusivity, log_w),
+                         "reaction": weighted_summary(stats.reaction, log_w)}
     else:
         stats = evidence.particle_stats(module, data, n_particles=n_particles, seed=seed, proposal="guide")
         log_evidence = evidence.component_log_evidence(stats, noise.double().reshape(1))[0]
@@ -69,17 +116,19 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
                        "log_evidence_component": (dims, log_evidence.cpu().numpy().astype(float))}
     for name, loc, scale in (("diffusivity", summary.d_loc, summary.d_scale),
                              ("reaction", summary.r_loc, summary.r_scale)):
-        for suffix, values in lognormal_summary(loc.cpu().numpy().astype(float),
-                                                scale.cpu().numpy().astype(float)).items():
-            variables[name + suffix] = (dims, values)
+        values = summaries[name] if summaries else lognormal_summary(loc.cpu().numpy().astype(float),
+                                                                     scale.cpu().numpy().astype(float))
+        for suffix, value in values.items():
+            variables[name + suffix] = (dims, value)
     variables["weights"] = (("subtype",), weights.cpu().numpy().astype(float))
     variables["noise_scale"] = ((), float(noise))
     ds = xr.Dataset(variables, coords=coords, attrs={"schema_version": "1", "kind": "posterior",
-                                                      "n_particles": 0 if refine else n_particles,
+                                                      "n_particles": n_particles,
                                                       "seed": seed, "refined": int(refine)})
     ds["subtype_prob"].attrs["description"] = "posterior probability of each subtype (rows sum to 1)"
     ds["log_evidence_component"].attrs["description"] = (
-        "log p(subject's data | subtype): Laplace estimate (refined) or importance-sampled (guide)")
+        "log p(subject's data | subtype): Laplace estimate (refined), or importance-sampled from the "
+        "Laplace approximation (refined, n_particles > 0) or from the guide (not refined)")
     ds["diffusivity"].attrs["description"] = "posterior mean of D given the subtype"
     ds["reaction"].attrs["description"] = "posterior mean of r given the subtype (NaN: component has no rate)"
     ds["weights"].attrs["description"] = "posterior mean of the mixture weights"

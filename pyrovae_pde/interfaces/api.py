@@ -119,7 +119,7 @@ class SubtypeModel:
         return self.module_
 
     # ------------------------------------------------------------------ posterior
-    def posterior(self, ds: xr.Dataset, n_particles: int = 8, seed: int = 0, device: str = "cpu",
+    def posterior(self, ds: xr.Dataset, n_particles: int | None = None, seed: int = 0, device: str = "cpu",
                   source: str = "<dataset>", refine: bool = True, n_iter: int = 3) -> xr.Dataset:
         """Posterior summary for the subjects of ``ds`` (any cohort on the fitted domain).
 
@@ -127,7 +127,9 @@ class SubtypeModel:
         ``reaction`` means with ``_sd``, ``_q05``, ``_q95`` (subject, subtype), ``weights`` (subtype).
         By default each subject's posterior given each subtype is the Laplace approximation
         refined from the encoder's guess (``n_iter`` Levenberg-Marquardt iterations);
-        ``refine=False`` uses the encoder's guide alone with ``n_particles`` importance draws.
+        ``n_particles`` > 0 turns each Laplace approximation into an importance-sampling proposal
+        (``n_particles`` solves per subject and subtype) for skewed posteriors.
+        ``refine=False`` uses the encoder's guide alone with ``n_particles`` (default 8) importance draws.
         """
         module = self._require_fitted()
         data = self._tensors(ds, source)

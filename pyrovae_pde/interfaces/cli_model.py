@@ -130,8 +130,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="Levenberg-Marquardt iterations of the per-subject Laplace refinement")
     p.add_argument("--no-refine", dest="refine", action="store_false",
                    help="skip the Laplace refinement: the amortized guide alone, importance-sampled")
-    p.add_argument("--particles", type=int, default=8,
-                   help="importance samples per subject and subtype (with --no-refine)")
+    p.add_argument("--particles", type=int, default=None,
+                   help="importance samples per subject and subtype: from the Laplace approximation "
+                        "(default 0: Laplace alone), or from the guide with --no-refine (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(handler=cmd_predict)
