@@ -64,11 +64,11 @@ def test_fit_on_cuda_returns_a_cpu_model_that_recovers_subtypes(cuda_graph_model
     assert metrics["accuracy"] >= 0.8 and metrics["spearman_diffusivity"] >= 0.7
 
 
-@pytest.mark.parametrize("refine", [True, False])
-def test_posterior_on_cuda_matches_posterior_on_cpu(cuda_graph_model, refine):
+@pytest.mark.parametrize("refine, n_particles", [(True, None), (True, 16), (False, None)])
+def test_posterior_on_cuda_matches_posterior_on_cpu(cuda_graph_model, refine, n_particles):
     test_ds = simulate("graph", 100, seed=12, noise_sd=0.02)
-    on_cpu = cuda_graph_model.posterior(test_ds, device="cpu", refine=refine, seed=1)
-    on_cuda = cuda_graph_model.posterior(test_ds, device="cuda", refine=refine, seed=1)
+    on_cpu = cuda_graph_model.posterior(test_ds, device="cpu", refine=refine, seed=1, n_particles=n_particles)
+    on_cuda = cuda_graph_model.posterior(test_ds, device="cuda", refine=refine, seed=1, n_particles=n_particles)
     assert all(p.device.type == "cpu" for p in cuda_graph_model.module_.parameters())
     # float32 solves in a few Levenberg-Marquardt iterations: agreement to float32 search tolerances
     np.testing.assert_allclose(on_cuda["subtype_prob"], on_cpu["subtype_prob"], atol=5e-3)
