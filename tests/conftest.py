@@ -36,3 +36,20 @@ def graph_ds():
     from pyrovae_pde.data import simulate
 
     return simulate("graph", 5, seed=3, noise_sd=0.01)
+
+
+@pytest.fixture
+def graph_training():
+    """A 40-subject graph cohort's tensors and a factory of identically initialised diffusion +
+    fisher_kpp modules: what the checkpoint/resume tests train, interrupt and resume."""
+    from pyrovae_pde.data import cohort_tensors, domain_from_dataset, simulate
+    from pyrovae_pde.model.module import MixturePDE
+
+    ds = simulate("graph", 40, seed=5, noise_sd=0.02)
+    domain = domain_from_dataset(ds)
+
+    def fresh():
+        torch.manual_seed(0)
+        return MixturePDE(domain, ("diffusion", "fisher_kpp"), ds.sizes["visit"], time_scale=5.0)
+
+    return cohort_tensors(ds, domain), fresh

@@ -16,7 +16,6 @@ from pyrovae_pde.data import cohort_tensors, domain_from_dataset, save_dataset, 
 from pyrovae_pde.inference.train import TrainConfig, train
 from pyrovae_pde.interfaces.api import SubtypeModel
 from pyrovae_pde.interfaces.cli import main
-from pyrovae_pde.model.module import MixturePDE
 from pyrovae_pde.physics import solve_active
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
@@ -82,14 +81,8 @@ def test_posterior_on_cuda_matches_posterior_on_cpu(cuda_graph_model, refine, n_
     np.testing.assert_allclose(on_cuda["weights"], on_cpu["weights"], rtol=1e-6)
 
 
-def test_checkpoint_written_on_cuda_resumes_on_cpu(tmp_path):
-    ds = simulate("graph", 30, seed=5, noise_sd=0.02)
-    domain = domain_from_dataset(ds)
-    data = cohort_tensors(ds, domain)
-
-    def fresh():
-        torch.manual_seed(0)
-        return MixturePDE(domain, ("diffusion", "fisher_kpp"), ds.sizes["visit"], time_scale=5.0)
+def test_checkpoint_written_on_cuda_resumes_on_cpu(tmp_path, graph_training):
+    data, fresh = graph_training
 
     first = train(fresh(), data, TrainConfig(epochs=1, seed=4, device="cuda", **FAST), checkpoint_dir=tmp_path)
     resumed = fresh()

@@ -173,14 +173,8 @@ def test_sleep_warm_up_learns_the_parameters_of_simulated_subjects(grid_data):
     assert spearmanr(d_loc.numpy(), diffusivity[:, 0].numpy())[0] > 0.8
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path):
-    ds = simulate("graph", 40, seed=5, noise_sd=0.02)
-    domain = domain_from_dataset(ds)
-    data = cohort_tensors(ds, domain)
-
-    def fresh():
-        torch.manual_seed(0)
-        return MixturePDE(domain, ("diffusion", "fisher_kpp"), ds.sizes["visit"], time_scale=5.0)
+def test_resume_continues_from_the_checkpoint(tmp_path, graph_training):
+    data, fresh = graph_training
 
     interrupted = fresh()
     first = train(interrupted, data, TrainConfig(epochs=2, seed=4, **FAST), checkpoint_dir=tmp_path)
