@@ -72,8 +72,9 @@ def main(argv=None) -> int:
     parser.add_argument("--classic-subjects", type=int, default=3, help="subjects timed for the classic fit")
     parser.add_argument("--json", help="write the figures here too")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where fit and predict run")
-    parser.add_argument("--particles", type=int, default=0,
-                        help="also time and score predict with this many Laplace-proposal importance draws")
+    parser.add_argument("--particles", type=int, default=None,
+                        help="also time and score predict with this many Laplace-proposal importance draws "
+                             "(0: the Laplace approximation alone)")
     args = parser.parse_args(argv)
     sc = SCENARIOS[args.scenario]
 
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
     predict_s = time.perf_counter() - start
     metrics = recovery_metrics(post, test_ds)
     sampled = {}
-    if args.particles:
+    if args.particles is not None:
         start = time.perf_counter()
         is_post = model.posterior(test_ds, device=args.device, n_particles=args.particles)
         sampled = {"particles": args.particles, "predict_particles_seconds": round(time.perf_counter() - start, 2),

@@ -225,6 +225,17 @@ def test_graph_fit_recovers_subtypes_and_parameters_on_new_subjects(graph_model,
     assert np.allclose(post["subtype_prob"].sum("subtype"), 1.0)
     assert (post["reaction"].sel(subtype="diffusion").isnull()).all()
     assert (post["diffusivity_q05"] <= post["diffusivity"]).all() and (post["diffusivity"] <= post["diffusivity_q95"]).all()
+    assert post.attrs["n_particles"] == 128  # a 68-node graph: importance-sampled by default
+
+
+def test_default_posterior_is_laplace_alone_on_a_voxel_grid(grid_data):
+    from pyrovae_pde.inference.posterior import posterior_dataset
+
+    _, domain, data = grid_data
+    post = posterior_dataset(_module(domain).float(), data.to("cpu", torch.float32))
+    assert domain.n_nodes > 256 and post.attrs["n_particles"] == 0 and post.attrs["refined"] == 1
+    with pytest.raises(ValueError, match="n_particles must be >= 1"):
+        posterior_dataset(_module(domain).float(), data.to("cpu", torch.float32), refine=False, n_particles=0)
 
 
 def test_posterior_matches_its_schema_and_round_trips_through_save_load(graph_model, graph_cohorts, tmp_path):

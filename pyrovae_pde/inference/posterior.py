@@ -22,6 +22,11 @@ from .encoding import GuideSummary, encode_cohort, global_means  # noqa: F401 (r
 from .laplace import laplace_fit, pooled_residual_variance
 
 Z90 = 1.6448536269514722  # standard-normal quantile of 0.95
+# Refined posteriors on domains this small (region graphs, coarse atlases) are importance-sampled
+# by default: 128 solves per subject and subtype cost seconds per 1000 subjects there, and the
+# Laplace approximation alone under-covers skewed posteriors of D (benchmarks/RESULTS.md).
+SMALL_DOMAIN_NODES = 256
+SMALL_DOMAIN_PARTICLES = 128
 
 
 def subtype_log_probs(log_evidence: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -78,11 +83,14 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
     then estimated from ``n_particles`` weighted draws solved with the model's solver, which
     corrects a skewed or flat posterior (for instance D on a small graph, where large D
     equilibrates the field) at the cost of ``n_particles`` solves per subject and component.
+    By default (``n_particles=None``) that is done on domains of at most ``SMALL_DOMAIN_NODES``
+    nodes, with ``SMALL_DOMAIN_PARTICLES`` draws; larger domains get the Laplace approximation alone.
     ``refine=False``: the amortized guide alone, Z_ik by importance sampling with ``n_particles``
     draws from it (default 8, ``seed``); faster per subject, but as good only as the encoder.
     """
     if n_particles is None:
-        n_particles = 0 if refine else 8
+        small = module.domain.n_nodes <= SMALL_DOMAIN_NODES
+        n_particles = (SMALL_DOMAIN_PARTICLES if small else 0) if refine else 8
     if n_particles < (0 if refine else 1):
         raise ValueError(f"n_particles must be >= {0 if refine else 1}, got {n_particles}")
     weights, noise = (t.cpu() for t in global_means(module))  # the per-subject work may run on CUDA

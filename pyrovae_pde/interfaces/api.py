@@ -128,7 +128,8 @@ class SubtypeModel:
         By default each subject's posterior given each subtype is the Laplace approximation
         refined from the encoder's guess (``n_iter`` Levenberg-Marquardt iterations);
         ``n_particles`` > 0 turns each Laplace approximation into an importance-sampling proposal
-        (``n_particles`` solves per subject and subtype) for skewed posteriors.
+        (``n_particles`` solves per subject and subtype) for skewed posteriors; the default does so
+        with 128 draws on domains of at most 256 nodes (graphs), and not on larger ones.
         ``refine=False`` uses the encoder's guide alone with ``n_particles`` (default 8) importance draws.
         """
         module = self._require_fitted()

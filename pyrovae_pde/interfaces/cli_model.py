@@ -132,7 +132,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="skip the Laplace refinement: the amortized guide alone, importance-sampled")
     p.add_argument("--particles", type=int, default=None,
                    help="importance samples per subject and subtype: from the Laplace approximation "
-                        "(default 0: Laplace alone), or from the guide with --no-refine (default 8)")
+                        "(default 128 on domains of at most 256 nodes, else 0: Laplace alone), or from "
+                        "the guide with --no-refine (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(handler=cmd_predict)
