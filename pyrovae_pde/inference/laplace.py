@@ -11,6 +11,9 @@ posterior, and the Laplace estimate of the evidence
     log p(x_i | k) ~= log p(x_i | theta*) + log p(theta*) + (d/2) log(2 pi) - (1/2) log det H,
 
 with d = 2 (d = 1 for components without a rate, whose log r coordinate is unused).
+
+``two_level=True`` (what ``predict`` uses) runs the search on coarse solves and corrects its mode
+and residuals with one solve of the model's own solver, at about a third of the cost.
 """
 from __future__ import annotations
 
