@@ -38,6 +38,9 @@ model = SubtypeModel(components=["fisher_kpp", "saturating", "zeldovich"])
 model.fit(train, epochs=12, seed=0)
 
 # 4. Posterior for NEW subjects: subtype probabilities and parameter posteriors, as labelled data.
+#    Each subject's guide posterior is refined into a Laplace approximation per mechanism (a
+#    few Levenberg-Marquardt steps); `n_particles=N` would importance-sample it with N solves per
+#    subject and mechanism (the default on small domains such as region graphs).
 posterior = model.posterior(new)
 print(posterior[["subtype_prob", "diffusivity", "diffusivity_q05", "diffusivity_q95"]].isel(subject=slice(0, 3)))
 print(format_metrics(recovery_metrics(posterior, new)))
