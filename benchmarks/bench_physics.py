@@ -123,7 +123,7 @@ def ours_step(domain, batch: dict, **options) -> torch.Tensor:
     return out.detach()  # (N, K, T, *space)
 
 
-def roll_laplacian_terms(mask: np.ndarray, dtype) -> list[tuple[int, int, torch.Tensor]]:
+def roll_laplacian_terms(mask: np.ndarray, dtype, device=None) -> list[tuple[int, int, torch.Tensor]]:
     """(shift, dim, weight) per direction: weight 1 where the cell and its neighbour are both inside."""
     inside = torch.as_tensor(mask != 0)
     terms = []
@@ -134,7 +134,7 @@ def roll_laplacian_terms(mask: np.ndarray, dtype) -> list[tuple[int, int, torch.
             edge = [slice(None)] * mask.ndim
             edge[axis] = 0 if shift == 1 else -1  # roll wraps around: those pairs are not neighbours
             both[tuple(edge)] = False
-            terms.append((shift, dim, both.to(dtype)))
+            terms.append((shift, dim, both.to(dtype=dtype, device=device)))
     return terms
 
 
@@ -143,7 +143,7 @@ def baseline_step(batch: dict, rtol: float = 1e-3, atol: float = 1e-4) -> torch.
 
     d_all, r_all = leaves(batch)
     u0 = batch["u0"]
-    terms = roll_laplacian_terms(batch["mask"], u0.dtype)
+    terms = roll_laplacian_terms(batch["mask"], u0.dtype, u0.device)
     t = batch["times"][0]
     expand = (slice(None),) + (None,) * (u0.dim() - 1)
     outs = []
