@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--classic-subjects", type=int, default=3, help="subjects timed for the classic fit")
     parser.add_argument("--json", help="write the figures here too")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where fit and predict run")
+    parser.add_argument("--batch-size", type=int, default=16, help="SVI minibatch (subjects per step)")
     parser.add_argument("--particles", type=int, default=None,
                         help="also time and score predict with this many Laplace-proposal importance draws "
                              "(0: the Laplace approximation alone)")
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
                        components=sc["components"])
     model = SubtypeModel(sc["components"], priors=sc["priors"])
     start = time.perf_counter()
-    model.fit(train_ds, epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty(), device=args.device)
+    model.fit(train_ds, epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty(), device=args.device,
+              batch_size=args.batch_size)
     fit_s = time.perf_counter() - start
     rss_after_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     start = time.perf_counter()
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
         "no_refine_metrics": {k: round(v, 4) for k, v in fast_metrics.items()}, **sampled,
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
         "peak_rss_after_fit_gb": round(rss_after_fit, 2),
-        "torch_threads": torch.get_num_threads(), "device": args.device,
+        "torch_threads": torch.get_num_threads(), "device": args.device, "batch_size": args.batch_size,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", **on_cpu,
         **({"peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)}
            if args.device.startswith("cuda") else {}),
