@@ -35,6 +35,7 @@ effective sample sizes are returned so callers can see it.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -157,10 +158,11 @@ class Proposal:
         return a, b
 
 
-def guide_proposal(module: MixturePDE, data: CohortTensors) -> Proposal:
-    """The amortized guide as proposal (``posterior_dataset(refine=False)`` uses it)."""
+def guide_proposal(module: MixturePDE, data: CohortTensors, summary: GuideSummary | None = None) -> Proposal:
+    """The amortized guide as proposal (``posterior_dataset(refine=False)`` uses it); ``summary``:
+    the cohort's guide if already encoded."""
     dtype = next(module.parameters()).dtype
-    s = encode_cohort(module, data.to(data.signal.device, dtype))
+    s = summary if summary is not None else encode_cohort(module, data.to(data.signal.device, dtype))
     has_rate = torch.zeros(module.n_components, dtype=torch.bool, device=s.d_loc.device)
     has_rate[module.rate_index] = True
     return Proposal(s.d_loc.to(DTYPE), s.d_scale.to(DTYPE), s.r_loc.to(DTYPE), s.r_scale.to(DTYPE), has_rate)
@@ -184,8 +186,7 @@ def laplace_proposal(module: MixturePDE, data: CohortTensors, n_iter: int = 10, 
                       broyden=False)
     pooled = pooled_residual_variance(fit.sse, fit.n_obs)
     cov = fit.covariance(sigma ** 2 if pooled is None else pooled, module.priors)
-    return Proposal(guide.d_loc, guide.d_scale, guide.r_loc, guide.r_scale, guide.has_rate, fit.mean,
-                    cov * inflate, defensive)
+    return dataclasses.replace(guide, mean=fit.mean, cov=cov * inflate, defensive=defensive)
 
 
 def solve_particles(module: MixturePDE, u0: torch.Tensor, times: torch.Tensor, diffusivity: torch.Tensor,

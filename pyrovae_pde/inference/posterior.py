@@ -11,6 +11,8 @@ globals (weights w and noise) at their posterior means.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import xarray as xr
@@ -96,16 +98,16 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
     weights, noise = (t.cpu() for t in global_means(module))  # the per-subject work may run on CUDA
     summaries = None
     if refine:
+        guide = encode_cohort(module, data.to(data.signal.device, next(module.parameters()).dtype))
         fit = laplace_fit(module, data, float(evidence.observation_sd(noise)), n_iter=n_iter,
-                          hessian_noise_sd="least_squares", two_level=True)
+                          hessian_noise_sd="least_squares", two_level=True, start=guide)
         log_evidence = fit.log_evidence.cpu()
         summary = GuideSummary(fit.mean[..., 0], torch.sqrt(fit.cov[..., 0, 0]),
                                torch.where(fit.has_rate, fit.mean[..., 1], torch.nan),
                                torch.where(fit.has_rate, torch.sqrt(fit.cov[..., 1, 1]), torch.nan))
         if n_particles:
-            guide = evidence.guide_proposal(module, data)
-            proposal = evidence.Proposal(guide.d_loc, guide.d_scale, guide.r_loc, guide.r_scale, guide.has_rate,
-                                         fit.mean.to(evidence.DTYPE), fit.cov.to(evidence.DTYPE) * 2.0)
+            proposal = dataclasses.replace(evidence.guide_proposal(module, data, guide),
+                                           mean=fit.mean.to(evidence.DTYPE), cov=fit.cov.to(evidence.DTYPE) * 2.0)
             stats = evidence.particle_stats(module, data, n_particles=n_particles, seed=seed, proposal=proposal)
             variance = pooled_residual_variance(fit.sse, fit.n_obs)
             sd = float(evidence.observation_sd(torch.tensor(0.0 if variance is None else variance ** 0.5)))
