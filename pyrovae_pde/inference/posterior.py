@@ -109,9 +109,9 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
             proposal = dataclasses.replace(evidence.guide_proposal(module, data, guide),
                                            mean=fit.mean.to(evidence.DTYPE), cov=fit.cov.to(evidence.DTYPE) * 2.0)
             stats = evidence.particle_stats(module, data, n_particles=n_particles, seed=seed, proposal=proposal)
+            # at the noise scale of the Laplace step: log_weights adds the model's noise floor itself
             variance = pooled_residual_variance(fit.sse, fit.n_obs)
-            sd = float(evidence.observation_sd(torch.tensor(0.0 if variance is None else variance ** 0.5)))
-            log_w = stats.log_weights(sd)  # (P, N, K) at the noise of the Laplace step
+            log_w = stats.log_weights(0.0 if variance is None else variance ** 0.5)  # (P, N, K)
             log_evidence = torch.logsumexp(log_w, dim=0) - np.log(n_particles)
             summaries = {"diffusivity": weighted_summary(stats.diffusivity, log_w),
                          "reaction": weighted_summary(stats.reaction, log_w)}
