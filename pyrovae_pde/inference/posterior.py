@@ -97,8 +97,8 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
         raise ValueError(f"n_particles must be >= {0 if refine else 1}, got {n_particles}")
     weights, noise = (t.cpu() for t in global_means(module))  # the per-subject work may run on CUDA
     summaries = None
+    guide = encode_cohort(module, data.to(data.signal.device, next(module.parameters()).dtype))
     if refine:
-        guide = encode_cohort(module, data.to(data.signal.device, next(module.parameters()).dtype))
         fit = laplace_fit(module, data, float(evidence.observation_sd(noise)), n_iter=n_iter,
                           hessian_noise_sd="least_squares", two_level=True, start=guide)
         log_evidence = fit.log_evidence.cpu()
@@ -116,9 +116,10 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
             summaries = {"diffusivity": weighted_summary(stats.diffusivity, log_w),
                          "reaction": weighted_summary(stats.reaction, log_w)}
     else:
-        stats = evidence.particle_stats(module, data, n_particles=n_particles, seed=seed, proposal="guide")
+        stats = evidence.particle_stats(module, data, n_particles=n_particles, seed=seed,
+                                        proposal=evidence.guide_proposal(module, data, guide))
         log_evidence = evidence.component_log_evidence(stats, noise.double().reshape(1))[0]
-        summary = encode_cohort(module, data)
+        summary = guide
     probs = subtype_log_probs(log_evidence, weights).exp()
     coords = {"subject": np.array(data.subjects, dtype=object), "subtype": np.array(module.components, dtype=object)}
     dims = ("subject", "subtype")
