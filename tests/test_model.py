@@ -51,6 +51,14 @@ def _module(domain, components=COMPONENTS, n_visits=3):
     return MixturePDE(domain, components, n_visits, time_scale=24.0).double()
 
 
+def _guide_trace(domain, data, seed):
+    """A fresh module, its model/guide arguments, and one guide trace drawn with Pyro seed ``seed``."""
+    module = _module(domain)
+    args = (data.signal, data.times, data.observed)
+    pyro.set_rng_seed(seed)
+    return module, args, poutine.trace(module.guide).get_trace(*args)
+
+
 def test_prior_interval_is_central_95_percent():
     prior = LogNormalPrior(0.01, 1.0)
     d = torch.distributions.LogNormal(prior.loc, prior.scale)
@@ -63,9 +71,7 @@ def test_prior_interval_is_central_95_percent():
 
 def test_guide_never_samples_the_subtype_and_model_enumerates_it(grid_data):
     _, domain, data = grid_data
-    module = _module(domain)
-    args = (data.signal, data.times, data.observed)
-    guide_trace = poutine.trace(module.guide).get_trace(*args)
+    module, args, guide_trace = _guide_trace(domain, data, seed=0)
     assert "subtype" not in guide_trace.nodes
     assert guide_trace.nodes["diffusivity"]["value"].shape == (3, 12)  # (K, B)
     assert guide_trace.nodes["reaction"]["value"].shape == (3, 12)
@@ -78,10 +84,7 @@ def test_guide_never_samples_the_subtype_and_model_enumerates_it(grid_data):
 def test_trace_enum_elbo_equals_the_exactly_marginalised_mixture(grid_data):
     """The TraceEnum_ELBO of one guide draw equals the hand-marginalised log-sum-exp over subtypes."""
     _, domain, data = grid_data
-    module = _module(domain)
-    args = (data.signal, data.times, data.observed)
-    pyro.set_rng_seed(1)
-    guide_trace = poutine.trace(module.guide).get_trace(*args)
+    module, args, guide_trace = _guide_trace(domain, data, seed=1)
     elbo = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING)
     loss = elbo.loss(poutine.replay(module.model, trace=guide_trace), poutine.replay(module.guide, trace=guide_trace),
                      *args)
@@ -104,10 +107,7 @@ def test_trace_enum_elbo_equals_the_exactly_marginalised_mixture(grid_data):
 
 def test_closed_form_responsibilities_match_pyro_marginals(grid_data):
     _, domain, data = grid_data
-    module = _module(domain)
-    args = (data.signal, data.times, data.observed)
-    pyro.set_rng_seed(2)
-    guide_trace = poutine.trace(module.guide).get_trace(*args)
+    module, args, guide_trace = _guide_trace(domain, data, seed=2)
     replayed_guide = poutine.replay(module.guide, trace=guide_trace)
     marginals = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING).compute_marginals(
         poutine.replay(module.model, trace=guide_trace), replayed_guide, *args)

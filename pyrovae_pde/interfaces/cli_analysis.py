@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 from .cli import UserError
-from .cli_model import _components, add_training_arguments, fit_model
+from .cli_model import _components, add_run_arguments, add_training_arguments, fit_model
 
 
 def _run_name(components) -> str:
@@ -217,9 +217,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_compare)
 
     p = subparsers.add_parser("ppc", help="posterior predictive checks of a fitted model")
-    p.add_argument("run_dir", help="run directory written by fit")
-    p.add_argument("data", help="contract NetCDF file")
-    p.add_argument("--out", required=True, help="output directory (ppc_pvalues.csv, ppc_*.png)")
+    add_run_arguments(p, "contract NetCDF file", "output directory (ppc_pvalues.csv, ppc_*.png)")
     p.add_argument("--threshold", type=float, default=0.1,
                    help="signal level counted by the spread statistic (default 0.1)")
     p.add_argument("--seed", type=int, default=0)
@@ -227,20 +225,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_ppc)
 
     p = subparsers.add_parser("forecast", help="forecast subjects' fields at future times with credible bands")
-    p.add_argument("run_dir", help="run directory written by fit")
-    p.add_argument("data", help="contract NetCDF file (the subjects to forecast)")
+    add_run_arguments(p, "contract NetCDF file (the subjects to forecast)", "forecast NetCDF file")
     p.add_argument("--times", required=True,
                    help="comma list of absolute times (unit and origin of the file's time), e.g. 30,36")
-    p.add_argument("--out", required=True, help="forecast NetCDF file")
     p.add_argument("--subjects", help="comma list of subject IDs (default: all)")
     p.add_argument("--seed", type=int, default=0)
     _evaluation_arguments(p)
     p.set_defaults(handler=cmd_forecast)
 
     p = subparsers.add_parser("export-arviz", help="write the posterior as ArviZ InferenceData (NetCDF)")
-    p.add_argument("run_dir", help="run directory written by fit")
-    p.add_argument("data", help="contract NetCDF file")
-    p.add_argument("--out", required=True, help="NetCDF file")
+    add_run_arguments(p, "contract NetCDF file", "NetCDF file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-predictive", action="store_true", help="leave out the posterior_predictive group")
     _evaluation_arguments(p, draws=100)

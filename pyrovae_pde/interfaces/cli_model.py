@@ -36,6 +36,13 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="central 95%% interval of a LogNormal prior: diffusivity=LO,HI or reaction=LO,HI")
 
 
+def add_run_arguments(p: argparse.ArgumentParser, data_help: str, out_help: str) -> None:
+    """The fitted run directory, the cohort file and the required ``--out`` of commands that use a run."""
+    p.add_argument("run_dir", help="run directory written by fit")
+    p.add_argument("data", help=data_help)
+    p.add_argument("--out", required=True, help=out_help)
+
+
 def fit_model(ds, components, args, out: Path | None, source: str):
     from .api import SubtypeModel
 
@@ -123,9 +130,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_fit)
 
     p = subparsers.add_parser("predict", help="posterior subtypes and parameters for a cohort")
-    p.add_argument("run_dir", help="run directory written by fit")
-    p.add_argument("data", help="contract NetCDF file (new or training subjects)")
-    p.add_argument("--out", required=True, help="posterior NetCDF file")
+    add_run_arguments(p, "contract NetCDF file (new or training subjects)", "posterior NetCDF file")
     p.add_argument("--iterations", type=int, default=3,
                    help="Levenberg-Marquardt iterations of the per-subject Laplace refinement")
     p.add_argument("--no-refine", dest="refine", action="store_false",
