@@ -185,7 +185,7 @@ def laplace_proposal(module: MixturePDE, data: CohortTensors, n_iter: int = 10, 
                       dtype=DTYPE, start=GuideSummary(guide.d_loc, guide.d_scale, guide.r_loc, guide.r_scale),
                       broyden=False)
     pooled = pooled_residual_variance(fit.sse, fit.n_obs)
-    cov = fit.covariance(sigma ** 2 if pooled is None else pooled, module.priors)
+    cov = fit.covariance(sigma ** 2 if pooled is None else pooled, module.prior_terms(DTYPE, fit.mean.device))
     return dataclasses.replace(guide, mean=fit.mean, cov=cov * inflate, defensive=defensive)
 
 
@@ -221,9 +221,8 @@ def particle_stats(module: MixturePDE, data: CohortTensors, n_particles: int = 3
         kind = "custom"
     generator = torch.Generator().manual_seed(seed)
     a, b = proposal.sample(n_particles, generator)
-    pri = module.priors
-    log_ratio = (dist.Normal(pri.diffusivity.loc, pri.diffusivity.scale).log_prob(a)
-                 + proposal.has_rate * dist.Normal(pri.reaction.loc, pri.reaction.scale).log_prob(b)
+    la, sa, lb, sb = module.prior_terms(DTYPE, a.device)
+    log_ratio = (dist.Normal(la, sa).log_prob(a) + proposal.has_rate * dist.Normal(lb, sb).log_prob(b)
                  - proposal.log_prob(a, b))  # densities of log D, log r: the Jacobians cancel
     d = torch.exp(a)
     r = torch.where(proposal.has_rate, torch.exp(b), torch.full_like(b, math.nan))

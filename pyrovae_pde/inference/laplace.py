@@ -47,18 +47,20 @@ class LaplaceFit:
     has_rate: torch.Tensor
     jtj: torch.Tensor
 
-    def covariance(self, variance: float, priors) -> torch.Tensor:
-        """Inverse Gauss-Newton Hessian (N, K, 2, 2) at the modes for observation variance ``variance``."""
-        return _inverse(*_hessian(self.jtj[..., 0], self.jtj[..., 1], self.jtj[..., 2], variance, priors,
+    def covariance(self, variance: float, prior: tuple) -> torch.Tensor:
+        """Inverse Gauss-Newton Hessian (N, K, 2, 2) at the modes for observation variance
+        ``variance`` and the prior ``prior`` (``MixturePDE.prior_terms``)."""
+        return _inverse(*_hessian(self.jtj[..., 0], self.jtj[..., 1], self.jtj[..., 2], variance, prior,
                                   self.has_rate))[0]
 
 
-def _hessian(jaa: torch.Tensor, jab: torch.Tensor, jbb: torch.Tensor, variance: float, priors,
+def _hessian(jaa: torch.Tensor, jab: torch.Tensor, jbb: torch.Tensor, variance: float, prior: tuple,
              has_rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gauss-Newton Hessian entries (aa, ab, bb) of the negative log posterior over (log D, log r),
-    from the likelihood's J^T J entries; rate-free components get a unit placeholder for bb."""
-    return (jaa / variance + 1 / priors.diffusivity.scale ** 2, jab / variance,
-            jbb / variance + torch.where(has_rate, 1 / priors.reaction.scale ** 2, 1.0))
+    from the likelihood's J^T J entries (..., K) and the prior (la, sa, lb, sb), each (K,);
+    rate-free components get a unit placeholder for bb."""
+    _, sa, _, sb = prior
+    return (jaa / variance + 1 / sa ** 2, jab / variance, jbb / variance + torch.where(has_rate, 1 / sb ** 2, 1.0))
 
 
 def _inverse(haa: torch.Tensor, hab: torch.Tensor, hbb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +68,22 @@ def _inverse(haa: torch.Tensor, hab: torch.Tensor, hbb: torch.Tensor) -> tuple[t
     det = haa * hbb - hab ** 2
     inv = torch.stack([torch.stack([hbb, -hab], -1), torch.stack([-hab, haa], -1)], -2) / det[..., None, None]
     return inv, det
+
+
+def laplace_evidence(a: torch.Tensor, b: torch.Tensor, jaa: torch.Tensor, jab: torch.Tensor, jbb: torch.Tensor,
+                     sse: torch.Tensor, n_obs: torch.Tensor, variance: float, prior: tuple,
+                     has_rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Covariance (N, K, 2, 2) and Laplace log evidence (N, K) at modes (a, b) (N, K) with the
+    likelihood's J^T J entries, residual sums of squares ``sse`` (N, K), ``n_obs`` (N,) observed
+    values and observation variance ``variance``:
+    log p(x | theta*) + log p(theta*) + (d/2) log(2 pi) - (1/2) log det H."""
+    la, sa, lb, sb = (t.to(a) for t in prior)
+    cov, det = _inverse(*_hessian(jaa, jab, jbb, variance, (la, sa, lb, sb), has_rate))
+    rate_d = has_rate.to(a.dtype)
+    log_lik = -0.5 * sse / variance - n_obs[:, None] * 0.5 * (math.log(variance) + LOG_2PI)
+    log_prior = (-0.5 * ((a - la) / sa) ** 2 - torch.log(sa) - 0.5 * LOG_2PI
+                 + rate_d * (-0.5 * ((b - lb) / sb) ** 2 - torch.log(sb) - 0.5 * LOG_2PI))
+    return cov, log_lik + log_prior + 0.5 * (1 + rate_d) * LOG_2PI - 0.5 * torch.log(det)
 
 
 def pooled_residual_variance(sse: torch.Tensor, n_obs: torch.Tensor) -> float | None:
@@ -152,11 +170,11 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
     """
     guide = start if start is not None else encode_cohort(module, data.to(data.signal.device, torch.float32))
     step = step if step is not None else (1e-2 if dtype == torch.float32 else 1e-4)
-    pri = module.priors
     has_rate = torch.zeros(module.n_components, dtype=torch.bool, device=data.signal.device)
     has_rate[module.rate_index] = True
     rate_f = has_rate.to(dtype)
-    la, sa, lb, sb = pri.diffusivity.loc, pri.diffusivity.scale, pri.reaction.loc, pri.reaction.scale
+    pri = module.prior_terms(dtype, data.signal.device)
+    la, sa, lb, sb = pri
     n, k = guide.d_loc.shape
     if batch_size is None:  # about 4e6 residual values per batch and point
         batch_size = max(1, int(4e6 // (k * data.signal.shape[1] * data.signal.shape[2])))
@@ -199,7 +217,7 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
         lam = torch.full_like(a, 1e-2)
         for _ in range(n_iter):
             step_a, step_b = damped_step(resid, ja, jb, a, b, lam)
-            a1, b1 = a + step_a, b + step_b
+            a1, b1 = module.clamp_theta(a + step_a, b + step_b)
             if broyden:
                 resid1 = _residuals(module, sig, tim, msk, a1, b1, search_rates, two_level)
                 # Correct J along the step so that it maps the step onto the change in residuals.
@@ -233,7 +251,7 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
             if two_level:  # one solve with the model's own solver, then one Gauss-Newton step on its objective
                 fine = _residuals(module, sig, tim, msk, a, b, final_rates)
                 step_a, step_b = damped_step(fine, ja, jb, a, b, torch.zeros_like(lam))
-                a, b = a + step_a, b + step_b
+                a, b = module.clamp_theta(a + step_a, b + step_b)
                 # Defect correction: the coarse residuals there plus the fine-minus-coarse defect at
                 # the search's mode (smooth in theta), instead of the linear model's prediction.
                 resid = _residuals(module, sig, tim, msk, a, b, final_rates, True) + (fine - resid)
@@ -244,11 +262,6 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
         h2 = (pooled_residual_variance(sse, n_obs) or 0.0) + NOISE_FLOOR ** 2
     else:
         h2 = float(hessian_noise_sd if hessian_noise_sd is not None else noise_sd) ** 2
-    cov, det = _inverse(*_hessian(jaa, jab, jbb, h2, pri, has_rate))
-    rate_d = has_rate.double()
-    log_lik = -0.5 * sse / h2 - n_obs[:, None] * 0.5 * (math.log(h2) + LOG_2PI)
-    log_prior = (-0.5 * ((a - la) / sa) ** 2 - math.log(sa) - 0.5 * LOG_2PI
-                 + rate_d * (-0.5 * ((b - lb) / sb) ** 2 - math.log(sb) - 0.5 * LOG_2PI))
-    log_evidence = log_lik + log_prior + 0.5 * (1 + rate_d) * LOG_2PI - 0.5 * torch.log(det)
+    cov, log_evidence = laplace_evidence(a, b, jaa, jab, jbb, sse, n_obs, h2, pri, has_rate)
     return LaplaceFit(torch.stack([a, b], -1), cov, log_evidence, sse, n_obs, has_rate,
                       torch.stack([jaa, jab, jbb], -1))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -17,10 +18,11 @@ from ..data.cohort import CohortTensors, cohort_tensors, domain_from_dataset
 from ..inference.posterior import posterior_dataset
 from ..inference.train import TrainConfig, TrainState, train
 from ..model.module import MixturePDE
-from ..model.priors import LogNormalPrior, Priors
+from ..model.priors import LogNormalPrior, Priors, cohort_priors
 from ..physics import Domain, GraphDomain, GridDomain, get_reaction
 from ..physics.solvers import DEFAULT_INITIAL_REACTION_STEP, DEFAULT_REACTION_STEP
 
+RESTART_SPREAD_WARNING = 1.0  # nats per subject between the best and worst restart's validation ELBO
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model.json"
 
@@ -42,8 +44,9 @@ class SubtypeModel:
 
     Args:
         components: reaction-term names (K = 1 is the single-PDE baseline).
-        priors: ``Priors`` (defaults put D in [0.01, 1], r in [0.01, 0.1] at the 95% intervals),
-            or a dict ``{"diffusivity": (lo, hi), "reaction": (lo, hi)}``.
+        priors: ``Priors``, or a dict ``{"diffusivity": (lo, hi), "reaction": (lo, hi)}`` of
+            central 95% intervals; what is not given is derived at fit time from the cohort's
+            follow-up and its domain's Laplacian (``model.priors.cohort_priors``).
         reaction_step, initial_reaction_step: largest r*dt of the solver's Strang steps during
             fitting and prediction, after and within the first visit interval.
     """
@@ -60,12 +63,17 @@ class SubtypeModel:
             raise ModelError("give at least one component")
         if len(set(self.components)) != len(self.components):
             raise ModelError(f"components must be distinct, got {list(self.components)}")
+        self.prior_overrides: dict[str, LogNormalPrior] = {}
         if isinstance(priors, dict):
-            base = Priors()
-            priors = Priors(
-                LogNormalPrior(*priors["diffusivity"]) if "diffusivity" in priors else base.diffusivity,
-                LogNormalPrior(*priors["reaction"]) if "reaction" in priors else base.reaction)
-        self.priors = priors or Priors()
+            unknown = set(priors) - {"diffusivity", "reaction"}
+            if unknown:
+                raise ModelError(f"priors: unknown name(s) {sorted(unknown)}; give 'diffusivity' and/or 'reaction'")
+            self.prior_overrides = {name: value if isinstance(value, LogNormalPrior) else LogNormalPrior(*value)
+                                    for name, value in priors.items()}
+            priors = None
+        self.priors_given: Priors | None = priors
+        # None until fit: what the user did not give is derived from the cohort (cohort_priors)
+        self.priors: Priors | None = priors
         self.reaction_step = reaction_step
         self.initial_reaction_step = initial_reaction_step
         self.encoder_width = encoder_width
@@ -91,11 +99,13 @@ class SubtypeModel:
             data = _pad_visits(data, self.module_.n_visits, source)
         return data
 
-    def fit(self, ds: xr.Dataset, epochs: int = 150, batch_size: int = 16, learning_rate: float = 6e-3,
-            seed: int = 0, device: str = "cpu", checkpoint_dir: str | os.PathLike | None = None,
-            resume: bool = False, progress: bool = True, source: str = "<training dataset>",
-            **train_options) -> "SubtypeModel":
-        """Fit to a contract dataset (validated first). ``train_options`` go to ``TrainConfig``."""
+    def fit(self, ds: xr.Dataset, epochs: int = TrainConfig.epochs, batch_size: int = TrainConfig.batch_size,
+            learning_rate: float = TrainConfig.learning_rate, seed: int = 0, device: str = "cpu",
+            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
+            source: str = "<training dataset>", restarts: int = 1, **train_options) -> "SubtypeModel":
+        """Fit to a contract dataset (validated first); ``epochs`` is the most epochs (a run stops
+        at the plateau of its validation ELBO), ``restarts`` fits from other seeds and keeps the
+        best. ``train_options`` go to ``TrainConfig``. ``convergence_`` holds the diagnostics."""
         dev = resolve_device(device)
         torch.manual_seed(seed)
         self.domain_ = None
@@ -103,15 +113,47 @@ class SubtypeModel:
         self.domain_ = domain_from_dataset(ds)
         tau = data.times - data.times[:, :1]
         self.time_scale_ = float(torch.nan_to_num(tau, nan=0.0).max()) or 1.0
+        self.priors = self.priors_given or cohort_priors(follow_up(data), *self.domain_.spectral_range(),
+                                                         **self.prior_overrides)
         self.module_ = MixturePDE(self.domain_, self.components, data.signal.shape[1], self.priors,
                                   time_scale=self.time_scale_, reaction_step=self.reaction_step,
                                   initial_reaction_step=self.initial_reaction_step,
                                   encoder_width=self.encoder_width)
         config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                             device=str(dev), progress=progress, **train_options)
+                             device=str(dev), progress=progress, restarts=restarts, **train_options)
         self.history_ = train(self.module_, data, config, checkpoint_dir=checkpoint_dir, resume=resume)
         self.module_.to("cpu")
         return self
+
+    @property
+    def convergence_(self) -> dict | None:
+        """The fit's convergence diagnostics (see ``TrainState.diagnostics``); None if unknown."""
+        return self.history_.diagnostics() if self.history_ is not None else None
+
+    @property
+    def converged_(self) -> bool:
+        diag = self.convergence_
+        return bool(diag and diag.get("converged"))
+
+    def convergence_warning(self) -> str | None:
+        """A one-line warning naming what to change when the fit did not converge, else None."""
+        diag = self.convergence_
+        if diag is None:
+            return ("this run does not record whether its fit converged (written by an older version); refit it "
+                    "with 'pyrovae-pde fit' to check")
+        if diag.get("stop_reason") == "max_epochs":
+            slope = diag.get("elbo_slope_per_epoch", float("nan"))
+            return (f"the fit did NOT converge: its validation ELBO was still changing ({slope:+.3g} nats per subject "
+                    f"and epoch) when it reached the most epochs ({diag['epochs_run']}); results from it may be "
+                    f"artefacts of the unfinished fit. Refit with a larger --epochs (e.g. --epochs "
+                    f"{max(2 * diag['epochs_run'], 10)})")
+        if not diag.get("converged"):
+            return f"the fit did NOT converge ({diag.get('stop_reason')}); refit it (see 'pyrovae-pde fit --help')"
+        spread = diag.get("restart_spread")
+        if spread is not None and spread == spread and spread > RESTART_SPREAD_WARNING:
+            return (f"the {diag['restarts']} restarts ended {spread:.2f} nats per subject apart: the fit may depend on "
+                    "its start; refit with more --restarts")
+        return None
 
     def _require_fitted(self) -> MixturePDE:
         if self.module_ is None:
@@ -167,6 +209,7 @@ class SubtypeModel:
             "initial_reaction_step": self.initial_reaction_step,
             "encoder_width": self.encoder_width, "n_visits": module.n_visits, "time_scale": self.time_scale_,
             "domain": domain_payload, "history": asdict(self.history_) if self.history_ else None,
+            "convergence": self.history_.diagnostics() if self.history_ else None,
         }
         atomic_write(directory / MODEL_FILE, lambda tmp: torch.save(tensors, tmp))
         atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
@@ -198,6 +241,13 @@ class SubtypeModel:
         if config.get("history"):
             model.history_ = TrainState(**config["history"])
         return model
+
+
+def follow_up(data: CohortTensors) -> float:
+    """The cohort's typical follow-up: median time from first to last visit over subjects with
+    at least two visits (1.0 if none has)."""
+    span = (torch.nan_to_num(data.times, nan=-math.inf).amax(dim=1) - data.times[:, 0])[data.observed.sum(1) > 1]
+    return float(span.median()) if span.numel() else 1.0
 
 
 def _pad_visits(data: CohortTensors, n_visits: int, source: str) -> CohortTensors:

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 from .cli import UserError
-from .cli_model import _components, add_run_arguments, add_training_arguments, fit_model
+from .cli_model import _components, add_run_arguments, add_training_arguments, fit_model, warn_if_unconverged
 
 
 def _run_name(components) -> str:
@@ -85,6 +85,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     models = {}
     for run in args.runs or []:
         model = SubtypeModel.load(run)
+        warn_if_unconverged(model, run)
         name = _run_name(model.components)
         if name in models:
             name = f"{name} ({Path(run).name})"
@@ -136,6 +137,7 @@ def cmd_ppc(args: argparse.Namespace) -> int:
     if not args.threshold > 0:
         raise UserError(f"--threshold must be > 0, got {args.threshold}")
     model = SubtypeModel.load(args.run_dir)
+    warn_if_unconverged(model, args.run_dir)
     ds = load_dataset(args.data)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -174,6 +176,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     _check_counts(args)
     times = _parse_times(args.times)
     model = SubtypeModel.load(args.run_dir)
+    warn_if_unconverged(model, args.run_dir)
     ds = load_dataset(args.data)
     subjects = _components(args.subjects) if args.subjects else None
     start = time.perf_counter()
@@ -193,6 +196,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     _check_counts(args)
     model = SubtypeModel.load(args.run_dir)
+    warn_if_unconverged(model, args.run_dir)
     ds = load_dataset(args.data)
     start = time.perf_counter()
     idata = to_inference_data(model, ds, n_draws=args.draws, n_particles=args.particles, seed=args.seed,

@@ -12,24 +12,32 @@ def _components(text: str) -> list[str]:
     return [c.strip() for c in text.split(",") if c.strip()]
 
 
-def _priors(options: list[str] | None):
-    from ..model.priors import Priors, parse_prior_option
+def _priors(options: list[str] | None) -> dict:
+    """``--prior NAME=LO,HI`` options as overrides; what is not given is derived from the cohort."""
+    from ..model.priors import parse_prior_option
 
-    base = Priors()
-    chosen = dict(diffusivity=base.diffusivity, reaction=base.reaction)
+    chosen = {}
     for text in options or []:
         try:
             name, prior = parse_prior_option(text)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         chosen[name] = prior
-    return Priors(chosen["diffusivity"], chosen["reaction"])
+    return chosen
 
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=150, help="maximum number of epochs (early stopping may end sooner)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=6e-3, help="learning rate")
+    from ..inference.train import TrainConfig
+
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs,
+                   help=f"most epochs (default {TrainConfig.epochs}); a run stops earlier once its validation "
+                        "ELBO reaches a plateau")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help=f"subjects per SVI step (default {TrainConfig.batch_size})")
+    p.add_argument("--lr", type=float, default=TrainConfig.learning_rate,
+                   help=f"learning rate of the mixture weights and noise (default {TrainConfig.learning_rate})")
+    p.add_argument("--restarts", type=int, default=1,
+                   help="fit this many times from different seeds and keep the best validation ELBO (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--prior", action="append", metavar="NAME=LO,HI",
@@ -48,7 +56,8 @@ def fit_model(ds, components, args, out: Path | None, source: str):
 
     model = SubtypeModel(components, priors=_priors(args.prior))
     model.fit(ds, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-              device=args.device, checkpoint_dir=out, resume=getattr(args, "resume", False), source=source)
+              device=args.device, checkpoint_dir=out, resume=getattr(args, "resume", False), source=source,
+              restarts=args.restarts, progress=_progress())
     if out is not None:
         model.save(out)
     return model
@@ -63,9 +72,40 @@ def cmd_fit(args: argparse.Namespace) -> int:
     model = fit_model(ds, _components(args.components), args, out, str(args.data))
     hist = model.history_
     print(f"fitted {','.join(model.components)} on {ds.sizes['subject']} subjects in "
-          f"{time.perf_counter() - start:.0f} s: {hist.epoch} epochs, best held-out epoch {hist.best_epoch}"
-          f"{' (early stop)' if hist.stopped_early else ''}; run directory {out}")
+          f"{time.perf_counter() - start:.0f} s: {hist.epoch} epochs, best held-out epoch {hist.best_epoch}, "
+          f"validation ELBO {-hist.best_val:.2f} per subject; {convergence_line(hist.diagnostics())}; "
+          f"run directory {out}")
+    warn_if_unconverged(model, str(out))
     return 0
+
+
+def _progress() -> bool:
+    """Progress bars on a terminal only; a log file gets the one-line summaries."""
+    import sys
+
+    return sys.stderr.isatty()
+
+
+def convergence_line(diag: dict) -> str:
+    """'converged (plateau at epoch 7)' or 'NOT converged (...)'."""
+    if diag.get("converged"):
+        text = f"converged (validation ELBO plateau after {diag['epochs_run']} epochs"
+    else:
+        text = f"NOT converged ({diag.get('stop_reason', 'unknown')} after {diag.get('epochs_run')} epochs"
+    if diag.get("rollbacks"):
+        text += f", {diag['rollbacks']} roll-back(s)"
+    if diag.get("restarts", 1) > 1 and diag.get("restart_spread") == diag.get("restart_spread"):
+        text += f", spread over {diag['restarts']} restarts {diag['restart_spread']:.2f} nats per subject"
+    return text + ")"
+
+
+def warn_if_unconverged(model, where: str) -> None:
+    """Print the run's convergence warning, naming the flag to change; silent for a converged run."""
+    import sys
+
+    message = model.convergence_warning()
+    if message:
+        print(f"warning: {where}: {message}", file=sys.stderr)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -74,6 +114,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .api import SubtypeModel
 
     model = SubtypeModel.load(args.run_dir)
+    warn_if_unconverged(model, args.run_dir)
     ds = load_dataset(args.data)
     start = time.perf_counter()
     post = model.posterior(ds, n_particles=args.particles, seed=args.seed, device=args.device, source=str(args.data),
@@ -149,4 +190,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-subjects", type=int, default=200, help="new subjects to score")
     p.add_argument("--noise-sd", type=float, default=0.0)
     add_training_arguments(p)
-    p.set_defaults(handler=cmd_demo, epochs=12)
+    p.set_defaults(handler=cmd_demo)

@@ -48,15 +48,17 @@ class PosteriorHead(nn.Module):
         n_out = 2 * (n_components + n_rate_components)
         self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, n_out))
-        with torch.no_grad():
-            self.net[-1].weight.mul_(0.3)
-            self.net[-1].bias.zero_()
-            n_loc = n_components + n_rate_components
-            self.net[-1].bias[n_loc:] = 0.0  # start at the prior scale (see forward)
+        self.reset_output_layer()
         prior_loc = [d_prior[0]] * n_components + [r_prior[0]] * n_rate_components
         prior_scale = [d_prior[1]] * n_components + [r_prior[1]] * n_rate_components
         self.register_buffer("prior_loc", torch.tensor(prior_loc))
         self.register_buffer("prior_scale", torch.tensor(prior_scale))
+
+    def reset_output_layer(self) -> None:
+        """Small output weights and zero biases: an untrained head proposes the prior (see forward)."""
+        with torch.no_grad():
+            self.net[-1].weight.mul_(0.3)
+            self.net[-1].bias.zero_()
 
     def forward(self, features: torch.Tensor):
         """features (B, F) -> (d_loc (B, K), d_scale (B, K), r_loc (B, K_r), r_scale (B, K_r)) in log space."""

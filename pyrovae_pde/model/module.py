@@ -18,6 +18,7 @@ posterior given the continuous draws is available in closed form (``log_responsi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import pyro
@@ -42,6 +43,17 @@ MAX_STEPS_PER_INTERVAL = 200
 # own discretisation error (about 1e-3, see physics tests); it keeps noise-free data well posed
 # instead of letting the inferred noise collapse until every subtype's likelihood underflows.
 NOISE_FLOOR = 1e-3
+THETA_RANGE_SDS = 10.0
+
+
+@dataclass
+class RefinedPosterior:
+    """Per-subject Gaussian posteriors over theta = (log D, log r) for every component, the
+    semi-amortized guide's local factors: loc (B, K, 2), cov (B, K, 2, 2) (rate-free components:
+    only the log D entries are used)."""
+
+    loc: torch.Tensor
+    cov: torch.Tensor
 
 
 class MixturePDE(nn.Module):
@@ -82,14 +94,44 @@ class MixturePDE(nn.Module):
                              (priors.reaction.loc, priors.reaction.scale))
         probe.head = head
         self.encoder = probe
-        # Guide parameters of the global latents.
-        self.weights_raw = nn.Parameter(torch.full((self.n_components,), math.log(math.expm1(10.0))))
+        # Guide parameters of the global latents. The Dirichlet's concentration is learned in log
+        # space: its optimum grows with the cohort (about 1 + N w_k), far beyond what additive
+        # steps reach.
+        self.weights_log_concentration = nn.Parameter(torch.full((self.n_components,), math.log(10.0)))
         self.noise_loc = nn.Parameter(torch.tensor(math.log(priors.noise_median)))
+        # The population prior of each component over theta = (log D, log r): Normal(loc, scale^2)
+        # per coordinate, (K, 2) (the log r column of rate-free components is unused). It starts at
+        # the base priors and is learned from the cohort (empirical Bayes, see inference.population);
+        # the base priors are its hyperprior.
+        self.register_buffer("population_loc", self._base_population()[0])
+        self.register_buffer("population_scale", self._base_population()[1])
         self.noise_scale_raw = nn.Parameter(torch.tensor(math.log(math.expm1(0.1))))
 
     @property
     def n_components(self) -> int:
         return len(self.components)
+
+    def _base_population(self) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.priors
+        loc = torch.tensor([[p.diffusivity.loc, p.reaction.loc]] * self.n_components)
+        scale = torch.tensor([[p.diffusivity.scale, p.reaction.scale]] * self.n_components)
+        return loc, scale
+
+    def clamp_theta(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log D, log r) clamped to the base prior's centre +- ``THETA_RANGE_SDS`` sds: searches stay
+        where the prior has mass (and exp() stays finite); beyond it the prior density is < e^-50."""
+        p = self.priors
+        a = a.clamp(p.diffusivity.loc - THETA_RANGE_SDS * p.diffusivity.scale,
+                    p.diffusivity.loc + THETA_RANGE_SDS * p.diffusivity.scale)
+        b = b.clamp(p.reaction.loc - THETA_RANGE_SDS * p.reaction.scale,
+                    p.reaction.loc + THETA_RANGE_SDS * p.reaction.scale)
+        return a, b
+
+    def prior_terms(self, dtype: torch.dtype | None = None, device=None) -> tuple[torch.Tensor, ...]:
+        """The population prior as (loc of log D, its sd, loc of log r, its sd), each (K,)."""
+        loc = self.population_loc.to(dtype=dtype, device=device)
+        scale = self.population_scale.to(dtype=dtype, device=device)
+        return loc[:, 0], scale[:, 0], loc[:, 1], scale[:, 1]
 
     # ---------------------------------------------------------------- physics
     def full_reaction(self, reaction: torch.Tensor | None, diffusivity: torch.Tensor) -> torch.Tensor:
@@ -123,25 +165,27 @@ class MixturePDE(nn.Module):
         return subjects, components, rates
 
     def model(self, signal: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
-              index: torch.Tensor | None = None, n_total: int | None = None) -> torch.Tensor:
+              index: torch.Tensor | None = None, n_total: int | None = None,
+              refined: "RefinedPosterior | None" = None) -> torch.Tensor:
         """signal (B, T, n) on active nodes, times (B, T), observed (B, T) bool. ``index``: the
-        batch's subject indices among ``n_total`` subjects (minibatching by plate subsampling)."""
+        batch's subject indices among ``n_total`` subjects (minibatching by plate subsampling).
+        ``refined`` is the guide's argument (ignored here)."""
         batch, _, n = signal.shape
         p = self.priors
         device = signal.device
-        one = signal.new_ones(())
+        one = signal.new_ones(())  # the globals' priors in the data's dtype and device
         weights = pyro.sample("weights", dist.Dirichlet(p.weights_concentration * signal.new_ones(self.n_components)))  # (K,)
         noise = pyro.sample("noise_scale", dist.LogNormal(math.log(p.noise_median) * one, p.noise_log_sd * one))  # ()
         subjects, components, rates = self._plates(n_total, batch, index, device)
+        loc, scale = self.population_loc.to(signal), self.population_scale.to(signal)  # (K, 2)
         with subjects:
             with components:
-                diffusivity = pyro.sample("diffusivity", dist.LogNormal(p.diffusivity.loc * one,
-                                                                         p.diffusivity.scale * one))  # (K, B)
+                diffusivity = pyro.sample("diffusivity", dist.LogNormal(loc[:, :1], scale[:, :1]))  # (K, B)
             reaction = None
             if self.rate_index:
+                ri = self.rate_index
                 with rates:
-                    reaction = pyro.sample("reaction", dist.LogNormal(p.reaction.loc * one,
-                                                                       p.reaction.scale * one))  # (K_r, B)
+                    reaction = pyro.sample("reaction", dist.LogNormal(loc[ri, 1:], scale[ri, 1:]))  # (K_r, B)
             fields = self.predict(signal[:, 0], times, diffusivity.T, None if reaction is None else reaction.T)
             fields = fields.transpose(0, 1)  # (K, B, T, n)
             subtype = pyro.sample("subtype", dist.Categorical(weights),
@@ -158,22 +202,52 @@ class MixturePDE(nn.Module):
         return self.encoder(signal, times, observed)
 
     def guide(self, signal: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
-              index: torch.Tensor | None = None, n_total: int | None = None) -> None:
+              index: torch.Tensor | None = None, n_total: int | None = None,
+              refined: "RefinedPosterior | None" = None) -> None:
+        """The amortized guide: the encoder's LogNormal q_k(D, r | x_i) for every component.
+
+        With ``refined`` (semi-amortized), each subject's q_k is instead the given Gaussian over
+        (log D, log r) with full covariance (a Laplace approximation found from the encoder's
+        guess): log D ~ N(m_a, C_aa), log r | log D ~ N(m_b + C_ab / C_aa (log D - m_a),
+        C_bb - C_ab^2 / C_aa). Its parameters carry no gradient.
+        """
         pyro.module("mixture", self)
         batch = signal.shape[0]
         pyro.sample("weights", dist.Dirichlet(self.weights_concentration()))  # (K,)
         pyro.sample("noise_scale", dist.LogNormal(self.noise_loc, softplus(self.noise_scale_raw) + 1e-4))  # ()
         subjects, components, rates = self._plates(n_total, batch, index, signal.device)
         with subjects:
-            d_loc, d_scale, r_loc, r_scale = self.encode(signal, times, observed)
+            if refined is None:
+                d_loc, d_scale, r_loc, r_scale = self.encode(signal, times, observed)
+                with components:
+                    pyro.sample("diffusivity", dist.LogNormal(d_loc.T, d_scale.T))  # (K, B)
+                if self.rate_index:
+                    with rates:
+                        pyro.sample("reaction", dist.LogNormal(r_loc.T, r_scale.T))  # (K_r, B)
+                return
+            loc, cov = refined.loc.to(signal.dtype), refined.cov.to(signal.dtype)  # (B, K, 2), (B, K, 2, 2)
+            caa = cov[..., 0, 0]
             with components:
-                pyro.sample("diffusivity", dist.LogNormal(d_loc.T, d_scale.T))  # (K, B)
+                diffusivity = pyro.sample("diffusivity", dist.LogNormal(loc[..., 0].T, caa.sqrt().T))  # (K, B)
             if self.rate_index:
+                ri = self.rate_index
+                slope = (cov[..., 0, 1] / caa)[:, ri].T  # (K_r, B)
+                cond_var = (cov[..., 1, 1] - cov[..., 0, 1] ** 2 / caa)[:, ri].T.clamp_min(1e-12)
+                cond_mean = loc[:, ri, 1].T + slope * (diffusivity[ri].log() - loc[:, ri, 0].T)
                 with rates:
-                    pyro.sample("reaction", dist.LogNormal(r_loc.T, r_scale.T))  # (K_r, B)
+                    pyro.sample("reaction", dist.LogNormal(cond_mean, cond_var.sqrt()))  # (K_r, B)
 
     def weights_concentration(self) -> torch.Tensor:
-        return softplus(self.weights_raw) + 1e-3
+        return torch.exp(self.weights_log_concentration) + 1e-3
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Runs written before version 0.2 stored softplus^-1 of the concentration.
+        old = state_dict.pop(prefix + "weights_raw", None)
+        if old is not None:
+            state_dict[prefix + "weights_log_concentration"] = torch.log(softplus(old) + 1e-3)
+        for name, value in zip(("population_loc", "population_scale"), self._base_population()):
+            state_dict.setdefault(prefix + name, value)  # before 0.2 the priors were not learned
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------- sleep phase
     def simulate_prior(self, u0: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
@@ -183,15 +257,16 @@ class MixturePDE(nn.Module):
         u0 (B, n), times (B, T), observed (B, T) -> signal (B, K, T, n) (noise on later visits,
         zero at missing visits), diffusivity (B, K), reaction (B, K_r) drawn from the priors.
         """
-        p = self.priors
         batch = u0.shape[0]
+        loc, scale = self.population_loc.to(u0), self.population_scale.to(u0)
         with torch.no_grad():
-            diffusivity = torch.exp(p.diffusivity.loc + p.diffusivity.scale * torch.randn(batch, self.n_components,
-                                                                                         dtype=u0.dtype, device=u0.device))
+            diffusivity = torch.exp(loc[:, 0] + scale[:, 0] * torch.randn(batch, self.n_components,
+                                                                          dtype=u0.dtype, device=u0.device))
             reaction = None
             if self.rate_index:
-                reaction = torch.exp(p.reaction.loc + p.reaction.scale * torch.randn(
-                    batch, len(self.rate_index), dtype=u0.dtype, device=u0.device))
+                ri = self.rate_index
+                reaction = torch.exp(loc[ri, 1] + scale[ri, 1] * torch.randn(
+                    batch, len(ri), dtype=u0.dtype, device=u0.device))
             fields = self.predict(u0, times, diffusivity, reaction)  # (B, K, T, n)
             fields[:, :, 1:] += noise * torch.randn_like(fields[:, :, 1:])
             fields = fields * observed[:, None, :, None]
@@ -221,6 +296,42 @@ class MixturePDE(nn.Module):
             truth = reaction.log()[rate_rows // k, rate_col]
             loss = loss - dist.Normal(r_loc[rate_rows, rate_col], r_scale[rate_rows, rate_col]).log_prob(truth).mean()
         return loss
+
+    def distillation_loss(self, signal: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
+                          refined: RefinedPosterior) -> torch.Tensor:
+        """Mean over subjects of sum_k KL(N(m_k, diag C_k) || q_k) in log space: moves the encoder's
+        LogNormal guide towards given per-subject posteriors (``refined``: loc (B, K, 2), cov
+        (B, K, 2, 2), no gradient), matching their means and marginal variances."""
+        d_loc, d_scale, r_loc, r_scale = self.encode(signal, times, observed)
+        loc = refined.loc.detach().to(signal.dtype)
+        var = refined.cov.detach().diagonal(dim1=-2, dim2=-1).to(signal.dtype).clamp_min(1e-12)
+
+        def kl(q_loc, q_scale, p_loc, p_var):
+            return (torch.log(q_scale) - 0.5 * torch.log(p_var) + (p_var + (p_loc - q_loc) ** 2) / (2 * q_scale ** 2)
+                    - 0.5)
+
+        loss = kl(d_loc, d_scale, loc[..., 0], var[..., 0]).sum(-1)
+        if self.rate_index:
+            ri = self.rate_index
+            loss = loss + kl(r_loc, r_scale, loc[:, ri, 1], var[:, ri, 1]).sum(-1)
+        return loss.mean()
+
+    def reinitialize(self, seed: int) -> None:
+        """Fresh encoder weights drawn from ``seed`` and the globals' guide at its initial values
+        (a restart); the global RNG state is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for layer in self.encoder.modules():
+                if layer is not self.encoder.head and hasattr(layer, "reset_parameters") and layer is not self:
+                    layer.reset_parameters()
+            self.encoder.head.reset_output_layer()
+        with torch.no_grad():
+            loc, scale = self._base_population()
+            self.population_loc.copy_(loc)
+            self.population_scale.copy_(scale)
+            self.weights_log_concentration.fill_(math.log(10.0))
+            self.noise_loc.fill_(math.log(self.priors.noise_median))
+            self.noise_scale_raw.fill_(math.log(math.expm1(0.1)))
 
     # ---------------------------------------------------------------- closed-form pieces
     def log_likelihood_components(self, signal: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,

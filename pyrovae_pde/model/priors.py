@@ -51,6 +51,40 @@ class Priors:
                    d["weights_concentration"], d["noise_median"], d["noise_log_sd"])
 
 
+# Default prior ranges in units of the cohort's own time scales (see ``cohort_priors``).
+REACTION_TIMES = (0.1, 10.0)  # r * T at the ends of the central 95% interval of r
+DIFFUSION_TIMES = (0.2, 1.0)  # D * lambda_max * T and D * lambda_2 * T at the ends of that of D
+
+
+def cohort_priors(follow_up: float, slowest_rate: float, fastest_rate: float,
+                  diffusivity: LogNormalPrior | None = None, reaction: LogNormalPrior | None = None) -> Priors:
+    """Default priors wide enough for a cohort's own time scales.
+
+    ``follow_up`` T: the cohort's typical follow-up (median time from first to last visit);
+    ``slowest_rate`` lambda_2 and ``fastest_rate`` lambda_max: the smallest positive and the
+    largest eigenvalue of the domain's Laplacian. The central 95% intervals are
+
+    * r in [0.1 / T, 10 / T]: below, growth changes the field by a few percent over the follow-up
+      (indistinguishable from none); above, it saturates within the first interval;
+    * D in [0.2 / (lambda_max T), 1 / (lambda_2 T)]: below, even the finest pattern the domain
+      resolves barely diffuses over the follow-up; above, diffusion equilibrates the slowest
+      mode within it, so larger D cannot be told apart.
+
+    ``diffusivity`` / ``reaction``: user priors that replace the defaults.
+    """
+    t = follow_up if follow_up > 0 and math.isfinite(follow_up) else 1.0
+    if reaction is None:
+        reaction = LogNormalPrior(REACTION_TIMES[0] / t, REACTION_TIMES[1] / t)
+    if diffusivity is None:
+        if not (fastest_rate > 0 and math.isfinite(fastest_rate)):  # a domain with no diffusion at all
+            diffusivity = Priors().diffusivity
+        else:
+            low = DIFFUSION_TIMES[0] / (fastest_rate * t)
+            high = DIFFUSION_TIMES[1] / (max(slowest_rate, 1e-12 * fastest_rate) * t)
+            diffusivity = LogNormalPrior(low, max(high, 100.0 * low))
+    return Priors(diffusivity, reaction)
+
+
 def parse_prior_option(text: str) -> tuple[str, LogNormalPrior]:
     """Parse the CLI form ``name=LO,HI`` (name: diffusivity or reaction)."""
     name, _, rest = text.partition("=")

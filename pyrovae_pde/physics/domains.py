@@ -16,6 +16,9 @@ import scipy.sparse as sp
 import torch
 
 
+SPECTRAL_RANGE_DENSE = 3000  # nodes up to which spectral_range uses dense eigenvalues
+
+
 class DomainError(ValueError):
     """A domain description is invalid (mask, spacing or adjacency)."""
 
@@ -87,6 +90,29 @@ class Domain:
                 torch.as_tensor(evecs, dtype=dtype, device=device),
             )
         return self._cache[key]
+
+    def spectral_range(self) -> tuple[float, float]:
+        """(slowest, fastest) nonzero diffusion rates of ``L``: its smallest positive eigenvalue
+        (the slowest mode that diffusion equilibrates; 1/length^2) and its largest one, cached.
+        Dense eigenvalues up to ``SPECTRAL_RANGE_DENSE`` nodes, sparse Lanczos above."""
+        if "spectral_range" not in self._cache:
+            n = self.n_nodes
+            if ("eigh_np",) in self._cache or n <= SPECTRAL_RANGE_DENSE:
+                evals = (self._cache[("eigh_np",)][0] if ("eigh_np",) in self._cache
+                         else np.linalg.eigvalsh(self.laplacian.toarray()))
+            else:
+                from scipy.sparse.linalg import eigsh
+
+                top = eigsh(self.laplacian, k=1, which="LA", return_eigenvectors=False)
+                # shift-invert near 0 finds the smallest eigenvalues (zero per connected part, then lambda_2)
+                low = eigsh(self.laplacian + 1e-8 * sp.identity(n), k=min(n - 1, 8), sigma=0.0, which="LM",
+                            return_eigenvectors=False)
+                evals = np.concatenate([np.asarray(low) - 1e-8, top])
+            evals = np.sort(np.asarray(evals, dtype=float))
+            largest = float(evals[-1]) if evals.size else 0.0
+            positive = evals[evals > 1e-9 * max(largest, 1e-300)]
+            self._cache["spectral_range"] = (float(positive[0]) if positive.size else 0.0, largest)
+        return self._cache["spectral_range"]
 
     def sparse_laplacian(self, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
         """``L`` as a torch sparse CSR tensor, cached per dtype/device."""
