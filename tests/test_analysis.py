@@ -15,6 +15,8 @@ import torch
 
 from pyrovae_pde.data import save_dataset, simulate
 from pyrovae_pde.inference import evidence as ev
+from pyrovae_pde.inference import marginal, particles
+from pyrovae_pde.model.module import NOISE_FLOOR
 from pyrovae_pde.inference.arviz_export import COMPARISON_COLUMNS, compare_models, from_dict, to_inference_data
 from pyrovae_pde.inference.forecast import band_coverage, forecast, hold_out_last_visit
 from pyrovae_pde.inference.ppc import posterior_predictive_check
@@ -84,7 +86,7 @@ def _toy_stats(seed=0, p=5, n=4, k=2):
     ratio = torch.randn(p, n, k, generator=g, dtype=torch.float64)
     n_obs = torch.tensor([0.0, 10.0, 30.0, 60.0], dtype=torch.float64)[:n]
     d = torch.ones(p, n, k, dtype=torch.float64)
-    return ev.ParticleStats([f"s{i}" for i in range(n)], ("fisher_kpp", "diffusion")[:k], sse, ratio, n_obs, d,
+    return particles.ParticleStats([f"s{i}" for i in range(n)], ("fisher_kpp", "diffusion")[:k], sse, ratio, n_obs, d,
                             torch.full_like(d, math.nan))
 
 
@@ -92,10 +94,10 @@ def test_pointwise_marginal_matches_brute_force():
     stats = _toy_stats()
     w = torch.tensor([[0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
     noise = torch.tensor([0.1, 0.2], dtype=torch.float64)
-    draws = ev.GlobalDraws(w, noise, torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
-    got = ev.pointwise_log_likelihood(stats, draws)
+    draws = marginal.GlobalDraws(w, noise, torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    got = marginal.pointwise_log_likelihood(stats, draws)
     for gi in range(2):
-        s = math.hypot(float(noise[gi]), ev.NOISE_FLOOR)  # the model's observation sd
+        s = math.hypot(float(noise[gi]), NOISE_FLOOR)  # the model's observation sd
         for i in range(4):
             total = 0.0
             for k in range(2):
@@ -104,26 +106,26 @@ def test_pointwise_marginal_matches_brute_force():
                 total += float(w[gi, k]) * float(torch.exp(ll).mean())
             assert float(got[gi, i]) == pytest.approx(math.log(total), rel=1e-10)
     # The IWAE estimate is the log-mean over draws of p(g)/q(g) prod_i p(x_i | g).
-    est = ev.iwae_log_evidence(stats, draws)
+    est = marginal.iwae_log_evidence(stats, draws)
     brute = math.log(np.mean(np.exp(got.sum(1).numpy() - got.sum(1).numpy().max()))) + float(got.sum(1).max())
     assert est.log_evidence == pytest.approx(brute, rel=1e-12)
     # A one-component subset renormalises the weights to 1.
-    sub = ev.pointwise_log_likelihood(stats, ev.GlobalDraws(torch.ones(2, 1, dtype=torch.float64), noise,
+    sub = marginal.pointwise_log_likelihood(stats, marginal.GlobalDraws(torch.ones(2, 1, dtype=torch.float64), noise,
                                                             draws.log_q, draws.log_prior), subset=(1,))
-    assert torch.allclose(sub, ev.component_log_evidence(stats, noise)[..., 1])
+    assert torch.allclose(sub, marginal.component_log_evidence(stats, noise)[..., 1])
 
 
 def test_particle_likelihood_matches_the_model(mix_data, mix_models):
     """The sufficient statistics reproduce MixturePDE.log_likelihood_components exactly."""
     model = mix_models[MIX]
     data = model._tensors(mix_data[1], "mix").subset(np.arange(6)).to("cpu", torch.float64)
-    stats = ev.particle_stats(model.module_, data, n_particles=3, seed=2, proposal="guide")
+    stats = particles.particle_stats(model.module_, data, n_particles=3, seed=2, proposal="guide")
     noise = torch.tensor(0.03, dtype=torch.float64)
     for p in range(3):
         rate = model.module_.rate_index
         expected = model.module_.log_likelihood_components(
             data.signal, data.times, data.observed, stats.diffusivity[p], stats.reaction[p][:, rate], noise)
-        got = ev._loglik(stats, noise[None])[0, p] - stats.log_ratio[p]
+        got = marginal._point_log_lik(stats, noise[None], None, None)[0, p] - stats.log_ratio[p]
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-6)
 
 
@@ -131,11 +133,17 @@ def test_evidence_repeats_agree_within_their_standard_errors(mix_data, mix_model
     """Independent particles and draws (seeds 0, 1): estimates differ by less than 3 combined SE."""
     module = mix_models[MIX].module_
     data = mix_models[MIX]._tensors(mix_data[1], "mix")
-    a, b = (ev.model_evidence(module, data, n_particles=32, n_draws=200, seed=s, elbo_repeats=0) for s in (0, 1))
+    a, b = (ev.model_evidence(module, data, method="importance", n_particles=32, n_draws=200, seed=s,
+                              elbo_repeats=0) for s in (0, 1))
     assert abs(a.log_evidence - b.log_evidence) < 3 * math.hypot(a.log_evidence_se, b.log_evidence_se)
     assert 0 < a.log_evidence_se < 20
     # The refined proposal keeps most subjects' particles useful (own-component ESS of 32 particles).
     assert float(a.ess_subjects.max(dim=1).values.median()) > 8
+    # Quadrature (the default) agrees with importance sampling within their combined error, and is
+    # far more precise.
+    q = ev.model_evidence(module, data, n_draws=200, seed=0, elbo_repeats=0)
+    assert abs(q.log_evidence - a.log_evidence) < 3 * math.hypot(q.log_evidence_se, a.log_evidence_se)
+    assert q.log_evidence_se < a.log_evidence_se / 2 and q.unconverged.float().mean() < 0.05
 
 
 # ------------------------------------------------------------------ model comparison
@@ -176,7 +184,7 @@ def test_pareto_k_of_marginal_pointwise_likelihood(mix_comparison, kpp_compariso
         assert _row(table, name)["pareto_k_ok_fraction"] >= 0.95, name
         assert np.isfinite(_row(table, name)["max_pareto_k"])
     evid = mix_comparison[1][MIX]
-    naive = ev.conditional_log_likelihood(evid.stats, evid.draws, evid.posterior_draws(0))
+    naive = marginal.conditional_log_likelihood(evid.stats, evid.draws, evid.posterior_draws(0))
     idata = from_dict({"posterior": {"noise_scale": evid.draws.noise.numpy()[None]},
                        "log_likelihood": {"signal": naive.numpy()[None]}}, {}, {})
     with warnings.catch_warnings():
@@ -187,9 +195,9 @@ def test_pareto_k_of_marginal_pointwise_likelihood(mix_comparison, kpp_compariso
 
 def test_subset_evidence_on_graph_models(mix_comparison, mix_models, kpp_comparison, kpp_models):
     """Subsets of a fitted mixture: both components on mixture data; Fisher-KPP alone on its data."""
-    table = ev.subset_evidence(mix_comparison[1][MIX].stats, mix_models[MIX].module_, n_draws=200)
+    table = marginal.subset_evidence(mix_comparison[1][MIX].stats, mix_models[MIX].module_, n_draws=200)
     assert table["subset"].tolist()[0] == MIX and table["rank"].tolist() == [1, 2, 3]
-    table = ev.subset_evidence(kpp_comparison[1][MIX].stats, kpp_models[MIX].module_, n_draws=200)
+    table = marginal.subset_evidence(kpp_comparison[1][MIX].stats, kpp_models[MIX].module_, n_draws=200)
     assert table.iloc[0]["subset"] == "fisher_kpp"
     assert table.iloc[-1]["subset"] == "diffusion"
 
@@ -201,8 +209,8 @@ def test_subset_evidence_paper_grid_ranks_generating_pair_first():
     ds = simulate("paper-grid", 60, seed=0, noise_sd=0.02, components=("fisher_kpp", "zeldovich"))
     model = SubtypeModel(["fisher_kpp", "saturating", "zeldovich"])
     model.fit(ds, epochs=1, progress=False, warmup_sleep_steps=0, seed=0)
-    stats = ev.particle_stats(model.module_, model._tensors(ds, "grid"), n_particles=8, seed=0)
-    table = ev.subset_evidence(stats, model.module_, n_draws=200)
+    stats = particles.particle_stats(model.module_, model._tensors(ds, "grid"), n_particles=8, seed=0)
+    table = marginal.subset_evidence(stats, model.module_, n_draws=200)
     assert table.iloc[0]["subset"] == "fisher_kpp,zeldovich"
     assert len(table) == 7
     # the full model pays a small Occam price for the unused component; singletons lose by far

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .evidence import ModelEvidence, model_evidence, observation_sd
+from .evidence import ModelEvidence, model_evidence
+from .particles import observation_sd
 
 
 def arviz_major() -> int:
@@ -88,8 +89,8 @@ def to_inference_data(model, ds: xr.Dataset, n_draws: int = 100, n_particles: in
     module = model._require_fitted()
     data = model._tensors(ds, source)
     if evidence is None:
-        evidence = model_evidence(module, data, n_particles=n_particles, n_draws=n_draws, seed=seed,
-                                  keep_fields=predictive, elbo_repeats=elbo_repeats)
+        evidence = model_evidence(module, data, method="importance", n_particles=n_particles, n_draws=n_draws,
+                                  seed=seed, keep_fields=predictive, elbo_repeats=elbo_repeats)
     stats, draws = evidence.stats, evidence.draws
     post = evidence.posterior_draws(seed)
     g, n = post.subtype.shape

@@ -20,7 +20,8 @@ import torch
 import xarray as xr
 
 from ..physics import solve_active
-from .evidence import DTYPE, model_evidence, observation_sd
+from .evidence import model_evidence
+from .particles import DTYPE, observation_sd
 
 QUANTILES = (0.05, 0.5, 0.95)
 
@@ -68,8 +69,8 @@ def forecast(model, ds: xr.Dataset, times, n_draws: int = 200, n_particles: int 
     data = model._tensors(ds, source)
     tmat = _times_matrix(times, data, ModelError)
     if evidence is None:
-        evidence = model_evidence(module, data, n_particles=n_particles, n_draws=n_draws, seed=seed,
-                                  elbo_repeats=0)
+        evidence = model_evidence(module, data, method="importance", n_particles=n_particles, n_draws=n_draws,
+                                  seed=seed, elbo_repeats=0)
     stats, draws = evidence.stats, evidence.draws
     post = evidence.posterior_draws(seed)
     g, n = post.subtype.shape

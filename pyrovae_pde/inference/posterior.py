@@ -19,7 +19,8 @@ import xarray as xr
 
 from ..data.cohort import CohortTensors
 from ..model.module import MixturePDE
-from . import evidence
+from . import particles
+from .marginal import component_log_evidence
 from .encoding import GuideSummary, encode_cohort, global_means  # noqa: F401 (re-exported)
 from .laplace import laplace_fit, pooled_residual_variance
 
@@ -99,16 +100,16 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
     summaries = None
     guide = encode_cohort(module, data.to(data.signal.device, next(module.parameters()).dtype))
     if refine:
-        fit = laplace_fit(module, data, float(evidence.observation_sd(noise)), n_iter=n_iter,
+        fit = laplace_fit(module, data, float(particles.observation_sd(noise)), n_iter=n_iter,
                           hessian_noise_sd="least_squares", two_level=True, start=guide)
         log_evidence = fit.log_evidence.cpu()
         summary = GuideSummary(fit.mean[..., 0], torch.sqrt(fit.cov[..., 0, 0]),
                                torch.where(fit.has_rate, fit.mean[..., 1], torch.nan),
                                torch.where(fit.has_rate, torch.sqrt(fit.cov[..., 1, 1]), torch.nan))
         if n_particles:
-            proposal = dataclasses.replace(evidence.guide_proposal(module, data, guide),
-                                           mean=fit.mean.to(evidence.DTYPE), cov=fit.cov.to(evidence.DTYPE) * 2.0)
-            stats = evidence.particle_stats(module, data, n_particles=n_particles, seed=seed, proposal=proposal)
+            proposal = dataclasses.replace(particles.guide_proposal(module, data, guide),
+                                           mean=fit.mean.to(particles.DTYPE), cov=fit.cov.to(particles.DTYPE) * 2.0)
+            stats = particles.particle_stats(module, data, n_particles=n_particles, seed=seed, proposal=proposal)
             # at the noise scale of the Laplace step: log_weights adds the model's noise floor itself
             variance = pooled_residual_variance(fit.sse, fit.n_obs)
             log_w = stats.log_weights(0.0 if variance is None else variance ** 0.5)  # (P, N, K)
@@ -116,9 +117,9 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
             summaries = {"diffusivity": weighted_summary(stats.diffusivity, log_w),
                          "reaction": weighted_summary(stats.reaction, log_w)}
     else:
-        stats = evidence.particle_stats(module, data, n_particles=n_particles, seed=seed,
-                                        proposal=evidence.guide_proposal(module, data, guide))
-        log_evidence = evidence.component_log_evidence(stats, noise.double().reshape(1))[0]
+        stats = particles.particle_stats(module, data, n_particles=n_particles, seed=seed,
+                                        proposal=particles.guide_proposal(module, data, guide))
+        log_evidence = component_log_evidence(stats, noise.double().reshape(1))[0]
         summary = guide
     probs = subtype_log_probs(log_evidence, weights).exp()
     coords = {"subject": np.array(data.subjects, dtype=object), "subtype": np.array(module.components, dtype=object)}

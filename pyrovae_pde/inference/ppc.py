@@ -148,8 +148,8 @@ def posterior_predictive_check(model, ds: xr.Dataset, n_draws: int = 200, n_part
     module = model._require_fitted()
     data = model._tensors(ds, source)
     if evidence is None or evidence.stats.fields is None:
-        evidence = model_evidence(module, data, n_particles=n_particles, n_draws=n_draws, seed=seed,
-                                  keep_fields=True, elbo_repeats=0)
+        evidence = model_evidence(module, data, method="importance", n_particles=n_particles, n_draws=n_draws,
+                                  seed=seed, keep_fields=True, elbo_repeats=0)
     post = evidence.posterior_draws(seed)
     rep = replicate_signal(evidence, data, post, seed)  # (G, N, T, n), NaN at missing visits
     obs = data.signal.numpy().astype(np.float64).copy()

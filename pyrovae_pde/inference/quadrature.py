@@ -89,8 +89,9 @@ class QuadratureNodes:
     """Weighted nodes of every (subject, component) integral, padded to P nodes.
 
     a, b (P, N, K): log D and log r at each node (b = 0 without a rate); sse (P, N, K);
-    log_weight (P, N, K): log of the rule's weight times the Jacobian times the prior density
-    (-inf on padding), so that Z_ik(sigma) = sum_p exp(log_weight + log N(x | u(theta_p), sigma^2));
+    log_rule (P, N, K): log of the rule's weight times the Jacobian (-inf on padding); log_prior
+    (P, N, K): the population prior's log density at the node, so that
+    Z_ik(sigma) = sum_p exp(log_rule + log_prior + log N(x | u(theta_p), sigma^2));
     n_obs (N,); error (N, K): difference of the last two orders' log Z at ``noise_ref`` (nats);
     order (N, K): the final order; converged (N, K): error <= tolerance.
     """
@@ -98,7 +99,8 @@ class QuadratureNodes:
     a: torch.Tensor
     b: torch.Tensor
     sse: torch.Tensor
-    log_weight: torch.Tensor
+    log_rule: torch.Tensor
+    log_prior: torch.Tensor
     n_obs: torch.Tensor
     error: torch.Tensor
     order: torch.Tensor
@@ -109,7 +111,7 @@ class QuadratureNodes:
         """log Z_ik at observation sd ``noise_sd`` (scalar, noise floor included): (N, K)."""
         s = torch.as_tensor(noise_sd, dtype=DTYPE)
         log_lik = -0.5 * self.sse / s ** 2 - self.n_obs[:, None] * (torch.log(s) + 0.5 * LOG_2PI)
-        return torch.logsumexp(self.log_weight + log_lik, dim=0)
+        return torch.logsumexp(self.log_rule + self.log_prior + log_lik, dim=0)
 
 
 def _rule_nodes(fit: LaplaceFit, rows: torch.Tensor, order: int):
@@ -155,13 +157,13 @@ def quadrature_nodes(module: MixturePDE, data: CohortTensors, fit: LaplaceFit, n
         sub = CohortTensors([data.subjects[i] for i in rows.tolist()], data.signal[rows], data.times[rows],
                             data.observed[rows])
         sse = node_sse(module, sub, torch.exp(a), torch.exp(b))
-        lw = lw + log_prior(module, a, b, has_rate)
+        lp = log_prior(module, a, b, has_rate)
         log_lik = -0.5 * sse / s ** 2 - n_obs[rows][:, None] * (math.log(s) + 0.5 * LOG_2PI)
-        return a, b, sse, lw, torch.logsumexp(lw + log_lik, dim=0)
+        return a, b, sse, lw, lp, torch.logsumexp(lw + lp + log_lik, dim=0)
 
     p_max = orders[-1] ** 2
     a_all = torch.zeros(p_max, n, k, dtype=DTYPE, device=device)
-    b_all, sse_all = torch.zeros_like(a_all), torch.zeros_like(a_all)
+    b_all, sse_all, lp_all = torch.zeros_like(a_all), torch.zeros_like(a_all), torch.zeros_like(a_all)
     lw_all = torch.full_like(a_all, -math.inf)
     rows = torch.arange(n, device=device)
     previous = evaluate(rows, orders[0])[-1] if n else torch.zeros(0, k, dtype=DTYPE)
@@ -171,9 +173,9 @@ def quadrature_nodes(module: MixturePDE, data: CohortTensors, fit: LaplaceFit, n
     for o in orders[1:]:
         if pending.numel() == 0:
             break
-        a, b, sse, lw, log_z = evaluate(pending, o)
+        a, b, sse, lw, lp, log_z = evaluate(pending, o)
         p = a.shape[0]
-        a_all[:p, pending], b_all[:p, pending], sse_all[:p, pending] = a, b, sse
+        a_all[:p, pending], b_all[:p, pending], sse_all[:p, pending], lp_all[:p, pending] = a, b, sse, lp
         lw_all[:, pending] = -math.inf
         lw_all[:p, pending] = lw
         error[pending] = (log_z - previous[pending]).abs()
@@ -182,5 +184,5 @@ def quadrature_nodes(module: MixturePDE, data: CohortTensors, fit: LaplaceFit, n
         previous[pending] = log_z
         pending = pending[(error[pending] > tolerance).any(dim=1)]
     used = int(order.max()) ** 2 if n else 1
-    return QuadratureNodes(a_all[:used], b_all[:used], sse_all[:used], lw_all[:used], n_obs, error, order,
-                           error <= tolerance, s)
+    return QuadratureNodes(a_all[:used], b_all[:used], sse_all[:used], lw_all[:used], lp_all[:used], n_obs, error,
+                           order, error <= tolerance, s)

@@ -367,6 +367,7 @@ class _Trainer:
         with torch.no_grad():
             m.population_loc.copy_(pop.loc.to(m.population_loc))
             m.population_scale.copy_(pop.scale.to(m.population_scale))
+            m.population_learned.fill_(self.config.learn_population)
             if update_weights:  # q(w) = Dirichlet(c + sum_i p(subtype_i = k | x_i)): the collapsed model's update
                 m.weights_log_concentration.copy_(torch.log(m.priors.weights_concentration + resp.sum(0)).to(
                     m.weights_log_concentration))

@@ -71,7 +71,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..data.contract import atomic_write
     from ..inference.arviz_export import PARETO_K_MAX, compare_models
-    from ..inference.evidence import subset_evidence
+    from ..inference.marginal import subset_evidence
     from .api import SubtypeModel
 
     _check_counts(args)

@@ -105,6 +105,7 @@ class MixturePDE(nn.Module):
         # the base priors are its hyperprior.
         self.register_buffer("population_loc", self._base_population()[0])
         self.register_buffer("population_scale", self._base_population()[1])
+        self.register_buffer("population_learned", torch.tensor(False))  # True once fitted by EM
         self.noise_scale_raw = nn.Parameter(torch.tensor(math.log(math.expm1(0.1))))
 
     @property
@@ -247,6 +248,7 @@ class MixturePDE(nn.Module):
             state_dict[prefix + "weights_log_concentration"] = torch.log(softplus(old) + 1e-3)
         for name, value in zip(("population_loc", "population_scale"), self._base_population()):
             state_dict.setdefault(prefix + name, value)  # before 0.2 the priors were not learned
+        state_dict.setdefault(prefix + "population_learned", torch.tensor(False))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------- sleep phase
@@ -329,6 +331,7 @@ class MixturePDE(nn.Module):
             loc, scale = self._base_population()
             self.population_loc.copy_(loc)
             self.population_scale.copy_(scale)
+            self.population_learned.fill_(False)
             self.weights_log_concentration.fill_(math.log(10.0))
             self.noise_loc.fill_(math.log(self.priors.noise_median))
             self.noise_scale_raw.fill_(math.log(math.expm1(0.1)))
