@@ -1,8 +1,8 @@
 """Model comparison, ArviZ export, posterior predictive checks and forecasts (issue: comparison).
 
-Small models are fitted once per module and shared. Fits are short (3 epochs): the evidence,
-LOO, PPC and forecasts integrate each subject's latents by importance sampling with a
-Laplace-refined proposal started at the guide, so they do not hinge on a long fit (the ELBO does).
+Small models are fitted once per module and shared (each stops at its validation plateau). The
+evidence, LOO and cross-validation integrate each subject's latents by quadrature around modes
+found by a global search, PPC and forecasts by importance sampling with Laplace proposals.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from pyrovae_pde.data import save_dataset, simulate
 from pyrovae_pde.inference import evidence as ev
 from pyrovae_pde.inference import marginal, particles
 from pyrovae_pde.model.module import NOISE_FLOOR
-from pyrovae_pde.inference.arviz_export import COMPARISON_COLUMNS, compare_models, from_dict, to_inference_data
+from pyrovae_pde.inference.arviz_export import from_dict, to_inference_data
+from pyrovae_pde.inference.comparison import COMPARISON_COLUMNS, FittedRun, compare_models
 from pyrovae_pde.inference.forecast import band_coverage, forecast, hold_out_last_visit
 from pyrovae_pde.inference.ppc import posterior_predictive_check
 from pyrovae_pde.interfaces.api import ModelError, SubtypeModel
@@ -31,9 +32,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::Runtim
                                         "ignore:.*Shape validation.*", "ignore:.*Pareto k.*")
 
 
-def _fit(components: str, ds, epochs: int = 3, seed: int = 0) -> SubtypeModel:
+def _fit(components: str, ds, seed: int = 0) -> SubtypeModel:
     model = SubtypeModel(components, priors=GRAPH_PRIORS)
-    return model.fit(ds, epochs=epochs, progress=False, warmup_sleep_steps=100, seed=seed)
+    return model.fit(ds, progress=False, warmup_sleep_steps=100, seed=seed)
+
+
+def _compare(models: dict, ds):
+    runs = {name: [FittedRun(m.module_, m._tensors(ds, "test"), m.converged_)] for name, m in models.items()}
+    return compare_models(runs, n_draws=200, seed=0)
 
 
 def _fit_all(ds) -> dict[str, SubtypeModel]:
@@ -56,7 +62,7 @@ def mix_models(mix_data):
 
 @pytest.fixture(scope="module")
 def mix_comparison(mix_data, mix_models):
-    return compare_models(mix_models, mix_data[1], n_particles=32, n_draws=200, seed=0)
+    return _compare(mix_models, mix_data[1])
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +78,7 @@ def kpp_models(kpp_data):
 
 @pytest.fixture(scope="module")
 def kpp_comparison(kpp_data, kpp_models):
-    return compare_models(kpp_models, kpp_data, n_particles=32, n_draws=200, seed=0)
+    return _compare(kpp_models, kpp_data)
 
 
 def _row(table, name):
@@ -148,31 +154,33 @@ def test_evidence_repeats_agree_within_their_standard_errors(mix_data, mix_model
 
 # ------------------------------------------------------------------ model comparison
 def test_mixture_ranks_first_on_mixture_data(mix_comparison):
-    table, _ = mix_comparison
+    table = mix_comparison.table
     assert list(table.columns[:len(COMPARISON_COLUMNS)]) == COMPARISON_COLUMNS
-    assert table.iloc[0]["model"] == MIX and table.iloc[0]["rank"] == 1
+    assert table.iloc[0]["model"] == MIX and table.iloc[0]["rank"] == 1 and table["converged"].all()
     best = _row(table, MIX)
     for single in ("fisher_kpp", "diffusion"):
         row = _row(table, single)
-        # elpd_loo: paired difference and its SE from az.compare
-        assert row["elpd_diff"] > 2 * row["elpd_diff_se"] > 0, row
-        # log evidence: independent MC errors
+        # elpd_loo and cross-validated lpd: paired differences and their SEs
+        assert row["elpd_loo_diff"] > 2 * row["elpd_loo_diff_se"] > 0, row
+        assert row["elpd_cv_diff"] > 2 * row["elpd_cv_diff_se"] > 0, row
         gap = best["log_evidence"] - row["log_evidence"]
         assert gap > 2 * math.hypot(best["log_evidence_se"], row["log_evidence_se"]), row
-        assert row["log_evidence_diff"] == pytest.approx(gap)
+        assert row["log_evidence_diff"] == pytest.approx(gap) and row["z"] > 2
     assert np.isfinite(table["elbo"]).all()
+    assert mix_comparison.verdict.startswith(f"verdict: {MIX}: ahead of")
 
 
 def test_true_single_pde_wins_and_mixture_does_not_beat_it(kpp_comparison):
-    table, _ = kpp_comparison
+    table = kpp_comparison.table
     kpp, diff, mix = (_row(table, n) for n in ("fisher_kpp", "diffusion", MIX))
-    # the true single PDE beats the wrong one by > 2 SE on both criteria
-    assert kpp["elpd_loo"] - diff["elpd_loo"] > 2 * max(diff["elpd_diff_se"], kpp["elpd_diff_se"], 1e-9)
-    assert kpp["log_evidence"] - diff["log_evidence"] > 2 * math.hypot(kpp["log_evidence_se"], diff["log_evidence_se"])
-    # the mixture, a superset, is not ahead of the true single PDE by more than 2 SE
-    se_pair = mix["elpd_diff_se"] if table.iloc[0]["model"] == "fisher_kpp" else kpp["elpd_diff_se"]
-    assert mix["elpd_loo"] - kpp["elpd_loo"] <= 2 * se_pair
-    assert mix["log_evidence"] - kpp["log_evidence"] <= 2 * math.hypot(mix["log_evidence_se"], kpp["log_evidence_se"])
+    # The true single PDE is ranked first: the mixture's unused mechanism costs its Occam factor.
+    assert table.iloc[0]["model"] == "fisher_kpp"
+    assert kpp_comparison.verdict.startswith("verdict: fisher_kpp: ahead of")
+    # the true single PDE beats the wrong one by > 2 SE on every criterion
+    assert diff["elpd_loo_diff"] > 2 * diff["elpd_loo_diff_se"] and diff["elpd_cv_diff"] > 2 * diff["elpd_cv_diff_se"]
+    assert diff["z"] > 2
+    # the mixture's evidence agrees with its own subset evidence for fisher_kpp (no fitting failure)
+    assert set(table["status"]) == {"ranked"}, kpp_comparison.warnings
 
 
 def test_pareto_k_of_marginal_pointwise_likelihood(mix_comparison, kpp_comparison):
@@ -180,10 +188,10 @@ def test_pareto_k_of_marginal_pointwise_likelihood(mix_comparison, kpp_compariso
     the likelihood given each subject's own draw breaks PSIS-LOO down."""
     import arviz as az
 
-    for table, name in ((mix_comparison[0], MIX), (kpp_comparison[0], "fisher_kpp"), (kpp_comparison[0], MIX)):
+    for table, name in ((mix_comparison.table, MIX), (kpp_comparison.table, "fisher_kpp"), (kpp_comparison.table, MIX)):
         assert _row(table, name)["pareto_k_ok_fraction"] >= 0.95, name
         assert np.isfinite(_row(table, name)["max_pareto_k"])
-    evid = mix_comparison[1][MIX]
+    evid = mix_comparison.evidences[MIX][0]
     naive = marginal.conditional_log_likelihood(evid.stats, evid.draws, evid.posterior_draws(0))
     idata = from_dict({"posterior": {"noise_scale": evid.draws.noise.numpy()[None]},
                        "log_likelihood": {"signal": naive.numpy()[None]}}, {}, {})
@@ -193,32 +201,32 @@ def test_pareto_k_of_marginal_pointwise_likelihood(mix_comparison, kpp_compariso
     assert (k > 0.7).mean() > 0.5
 
 
-def test_subset_evidence_on_graph_models(mix_comparison, mix_models, kpp_comparison, kpp_models):
+def test_subset_evidence_on_graph_models(mix_comparison, kpp_comparison):
     """Subsets of a fitted mixture: both components on mixture data; Fisher-KPP alone on its data."""
-    table = marginal.subset_evidence(mix_comparison[1][MIX].stats, mix_models[MIX].module_, n_draws=200)
+    table = mix_comparison.subsets[MIX]
     assert table["subset"].tolist()[0] == MIX and table["rank"].tolist() == [1, 2, 3]
-    table = marginal.subset_evidence(kpp_comparison[1][MIX].stats, kpp_models[MIX].module_, n_draws=200)
+    table = kpp_comparison.subsets[MIX]
     assert table.iloc[0]["subset"] == "fisher_kpp"
     assert table.iloc[-1]["subset"] == "diffusion"
+    # each subset is its own sub-model: it agrees with the separately fitted model of those mechanisms
+    for name in ("fisher_kpp", "diffusion"):
+        sub = table.set_index("subset").loc[name]
+        own = _row(kpp_comparison.table, name)
+        assert abs(sub["log_evidence"] - own["log_evidence"]) < 3 * math.hypot(sub["log_evidence_se"],
+                                                                               own["log_evidence_se"]) + 1.0
 
 
 @pytest.mark.slow
 def test_subset_evidence_paper_grid_ranks_generating_pair_first():
-    """3-component paper-grid fit on data from fisher_kpp + zeldovich only (60 subjects, 1 epoch:
-    the subset evidence integrates latents with the Laplace-refined proposal)."""
+    """3-component paper-grid fit on data from fisher_kpp + zeldovich only (60 subjects)."""
     ds = simulate("paper-grid", 60, seed=0, noise_sd=0.02, components=("fisher_kpp", "zeldovich"))
     model = SubtypeModel(["fisher_kpp", "saturating", "zeldovich"])
-    model.fit(ds, epochs=1, progress=False, warmup_sleep_steps=0, seed=0)
-    stats = particles.particle_stats(model.module_, model._tensors(ds, "grid"), n_particles=8, seed=0)
-    table = marginal.subset_evidence(stats, model.module_, n_draws=200)
+    model.fit(ds, progress=False, seed=0, warmup_sleep_steps=50, distill_steps=50)
+    table = ev.subset_evidence(model.module_, model._tensors(ds, "grid"), n_draws=200)
     assert table.iloc[0]["subset"] == "fisher_kpp,zeldovich"
     assert len(table) == 7
-    # the full model pays a small Occam price for the unused component; singletons lose by far
-    assert table.iloc[1]["subset"] == "fisher_kpp,saturating,zeldovich"
-    assert table.iloc[0]["log_evidence"] - table.set_index("subset").loc["zeldovich", "log_evidence"] > 100
 
 
-# ------------------------------------------------------------------ ArviZ export
 def test_inference_data_groups_dims_and_arviz_functions(tmp_path, mix_data, mix_models):
     import arviz as az
     import matplotlib
@@ -315,7 +323,7 @@ def test_ppc_figures_and_replicates_use_posterior_subtypes(tmp_path, ppc_results
 
 def test_posterior_draws_follow_subtype_posterior_not_prior(mix_comparison, mix_data):
     """Subjects with a clear subtype get that subtype in (nearly) every replicate."""
-    evid = mix_comparison[1][MIX]
+    evid = mix_comparison.evidences[MIX][0]
     post = evid.posterior_draws(0)
     probs = post.subtype_log_prob.exp().mean(0).numpy()  # (N, K)
     drawn = np.stack([(post.subtype.numpy() == k).mean(0) for k in range(2)], axis=1)
@@ -400,7 +408,7 @@ def test_cli_compare_reuses_runs(saved_runs, capsys):
     root, runs = saved_runs
     out = root / "cmp"
     code = main(["compare", str(root / "train.nc"), "--runs", *(str(p) for p in runs.values()),
-                 "--out", str(out), "--particles", "16", "--draws", "100"])
+                 "--out", str(out), "--draws", "100"])
     assert code == 0
     table = pd.read_csv(out / "comparison.csv")
     assert list(table.columns[:len(COMPARISON_COLUMNS)]) == COMPARISON_COLUMNS
@@ -408,19 +416,33 @@ def test_cli_compare_reuses_runs(saved_runs, capsys):
     assert (out / "comparison.png").stat().st_size > 1000
     assert (out / "subset_evidence_fisher_kpp+diffusion.csv").exists()
     printed = capsys.readouterr().out
-    assert "elpd_loo" in printed and "log_evidence" in printed and MIX in printed
+    assert "elpd_loo" in printed and "log_evidence" in printed and "elpd_cv" in printed
+    assert printed.strip().splitlines()[-1].startswith(f"verdict: {MIX}")
+    assert "--repeats 1" in printed  # one fit per model: the fit-to-fit spread is not measured
+    assert (out / "verdict.txt").read_text().startswith(f"verdict: {MIX}")
 
 
-def test_cli_compare_fits_models(tmp_path, capsys):
-    ds = simulate("graph", 16, seed=4, noise_sd=0.02)
-    save_dataset(ds, tmp_path / "small.nc")
-    code = main(["compare", str(tmp_path / "small.nc"), "--models", "fisher_kpp", "--out", str(tmp_path / "c"),
-                 "--epochs", "1", "--particles", "4", "--draws", "20",
+def test_cli_compare_flags_an_unconverged_fit_instead_of_ranking_it(saved_runs, tmp_path, capsys):
+    """A converged run and a deliberately unconverged fit (--epochs 1): the second is fitted twice
+    (--repeats 2), reported as not converged, left unranked and named in a warning."""
+    import pandas as pd
+
+    root, runs = saved_runs
+    out = tmp_path / "c"
+    code = main(["compare", str(root / "train.nc"), "--runs", str(runs["fisher_kpp"]), "--models", "diffusion",
+                 "--out", str(out), "--epochs", "1", "--draws", "50",
                  "--prior", "diffusivity=0.05,1", "--prior", "reaction=0.1,1"])
     assert code == 0
-    assert (tmp_path / "c" / "runs" / "fisher_kpp" / "model.pt").exists()
-    assert (tmp_path / "c" / "comparison.csv").exists()
-    code = main(["compare", str(tmp_path / "small.nc"), "--out", str(tmp_path / "d")])
+    for seed in (0, 1):
+        assert (out / "runs" / "diffusion" / f"seed-{seed}" / "model.pt").exists()
+    table = pd.read_csv(out / "comparison.csv").set_index("model")
+    assert table.loc["diffusion", "status"] == "not converged" and np.isnan(table.loc["diffusion", "rank"])
+    assert table.loc["diffusion", "repeats"] == 2 and np.isfinite(table.loc["diffusion", "fit_spread"])
+    assert table.loc["fisher_kpp", "rank"] == 1
+    printed = capsys.readouterr().out
+    assert "diffusion: not ranked: its fit did not converge" in printed
+    assert printed.strip().splitlines()[-1].startswith("verdict: fisher_kpp (the only model ranked")
+    code = main(["compare", str(root / "train.nc"), "--out", str(tmp_path / "d")])
     assert code == 2
     assert "give models to fit" in capsys.readouterr().err
 

@@ -138,29 +138,7 @@ def to_inference_data(model, ds: xr.Dataset, n_draws: int = 100, n_particles: in
     return from_dict(groups, coords, dims, attrs)
 
 
-# --------------------------------------------------------------------------- model comparison
-PARETO_K_MAX = 0.7
-COMPARISON_COLUMNS = ["model", "n_components", "elbo", "log_evidence", "log_evidence_se", "elpd_loo",
-                      "elpd_loo_se", "p_loo", "max_pareto_k", "rank"]
-
-
-def _loo_values(loo) -> dict:
-    """elpd, se, p and Pareto k of an ``az.loo`` result (arviz 0.x ELPDData or 1.x)."""
-    def get(*names):
-        for name in names:
-            try:
-                value = loo[name]
-            except (KeyError, TypeError, IndexError):
-                value = getattr(loo, name, None)
-            if value is not None:
-                return value
-        raise KeyError(names[0])
-
-    k = np.asarray(get("pareto_k"), dtype=float).ravel()
-    return {"elpd_loo": float(get("elpd_loo", "elpd")), "elpd_loo_se": float(get("se")),
-            "p_loo": float(get("p_loo", "p")), "pareto_k": k}
-
-
+# --------------------------------------------------------------------------- LOO input
 def loo_inference_data(evidence: ModelEvidence):
     """The small InferenceData ``az.loo``/``az.compare`` need: globals and the pointwise marginals."""
     draws = evidence.draws
@@ -169,62 +147,3 @@ def loo_inference_data(evidence: ModelEvidence):
     dims = {"weights": ["component"], "signal": ["subject"]}
     return from_dict({"posterior": {"weights": draws.weights.numpy()[None], "noise_scale": draws.noise.numpy()[None]},
                       "log_likelihood": {"signal": evidence.pointwise.numpy()[None]}}, coords, dims)
-
-
-def compare_models(models: dict, ds: xr.Dataset, n_particles: int = 32, n_draws: int = 200, seed: int = 0,
-                   elbo_repeats: int = 4, source: str = "<dataset>"):
-    """Compare fitted ``SubtypeModel`` s (name -> model) on one cohort.
-
-    Returns (table, evidences): the table has the columns of ``comparison.csv``
-    (``COMPARISON_COLUMNS``; rank 1 = best elpd_loo, from ``az.compare``) plus ``elpd_diff`` and
-    ``elpd_diff_se`` (from ``az.compare``: paired over subjects) and ``log_evidence_diff`` and
-    ``log_evidence_diff_se`` (independent MC errors added in quadrature), both against the
-    rank-1 model, and ``pareto_k_ok_fraction`` (subjects with k <= 0.7). A warning names models
-    whose Pareto k exceeds 0.7 for some subjects.
-    """
-    import warnings
-
-    import arviz as az
-    import pandas as pd
-
-    if len(models) < 1:
-        raise ValueError("give at least one model to compare")
-    evidences, idatas, rows = {}, {}, {}
-    for name, model in models.items():
-        module = model._require_fitted()
-        data = model._tensors(ds, source)
-        ev = model_evidence(module, data, n_particles=n_particles, n_draws=n_draws, seed=seed,
-                            elbo_repeats=elbo_repeats)
-        evidences[name] = ev
-        idatas[name] = loo_inference_data(ev)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            loo = _loo_values(az.loo(idatas[name], pointwise=True))
-        k = loo.pop("pareto_k")
-        bad = int((k > PARETO_K_MAX).sum())
-        if bad:
-            warnings.warn(f"model {name}: {bad} of {k.size} subjects have Pareto k > {PARETO_K_MAX}; their "
-                          "LOO estimates are unreliable (more particles or draws may help)", stacklevel=2)
-        rows[name] = {"model": name, "n_components": len(model.components), "elbo": ev.elbo,
-                      "log_evidence": ev.log_evidence, "log_evidence_se": ev.log_evidence_se, **loo,
-                      "max_pareto_k": float(k.max()), "pareto_k_ok_fraction": float((k <= PARETO_K_MAX).mean()),
-                      "elbo_se": ev.elbo_se}
-    if len(models) > 1:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cmp = az.compare(idatas, ic="loo")
-        for name in cmp.index:
-            rows[name]["rank"] = int(cmp.loc[name, "rank"]) + 1
-            rows[name]["elpd_diff"] = float(cmp.loc[name, "elpd_diff"])
-            rows[name]["elpd_diff_se"] = float(cmp.loc[name, "dse"])
-            rows[name]["stacking_weight"] = float(cmp.loc[name, "weight"])
-    else:
-        only = next(iter(rows))
-        rows[only].update(rank=1, elpd_diff=0.0, elpd_diff_se=0.0, stacking_weight=1.0)
-    table = pd.DataFrame(list(rows.values())).sort_values("rank", ignore_index=True)
-    best = table.iloc[0]
-    table["log_evidence_diff"] = best["log_evidence"] - table["log_evidence"]
-    table["log_evidence_diff_se"] = np.where(table.index == 0, 0.0,
-                                             np.sqrt(best["log_evidence_se"] ** 2 + table["log_evidence_se"] ** 2))
-    extra = [c for c in table.columns if c not in COMPARISON_COLUMNS]
-    return table[COMPARISON_COLUMNS + extra], evidences

@@ -18,7 +18,8 @@ import torch
 from ..data.cohort import CohortTensors
 from ..model.module import MixturePDE
 from .encoding import encode_cohort
-from .marginal import GlobalDraws, PosteriorDraws, iwae_log_evidence, laplace_globals, sample_posterior
+from .marginal import (EvidenceEstimate, GlobalDraws, PosteriorDraws, iwae_log_evidence, laplace_globals,
+                       sample_posterior)
 from .particles import ParticleStats, particle_stats, quadrature_stats
 from .quadrature import DEFAULT_TOLERANCE
 
@@ -94,3 +95,83 @@ def model_evidence(module: MixturePDE, data: CohortTensors, method: str = "quadr
     return ModelEvidence(tuple(module.components), list(data.subjects), stats, draws, est.pointwise,
                          est.log_evidence, est.se, est.ess_globals, elbo, elbo_se, ess, method, est.quadrature_error,
                          unconverged)
+
+
+def fit_population(module: MixturePDE, data: CohortTensors, rounds: int = 2) -> None:
+    """Fit ``module``'s population priors and weights to ``data`` by EM, in place: each round a
+    global mode search under the current priors (at the pooled least-squares noise), then EM on
+    its Laplace approximations. For a sub-model, whose populations can lie far from those of the
+    model it came from (its mechanisms must now explain every subject)."""
+    from .laplace import pooled_residual_variance
+    from .particles import DTYPE, observation_sd
+    from .population import Population, em_population
+    from .search import search_modes
+
+    data = data.to(data.signal.device, DTYPE)
+    sd = observation_sd(module.priors.noise_median)
+    for _ in range(rounds):
+        fit = search_modes(module, data, sd, tolerance=1e-3)
+        pooled = pooled_residual_variance(fit.sse, fit.n_obs)
+        if pooled is not None and abs(pooled ** 0.5 - sd) > 0.05 * sd:
+            sd = max(pooled, 1e-12) ** 0.5
+            fit = search_modes(module, data, sd, start=_modes(fit), grid=False, tolerance=1e-3)
+        current = Population(module.population_loc.double(), module.population_scale.double())
+        pop, weights, resp, _ = em_population(fit.mean, fit.jtj, sd ** 2, fit.log_evidence, current, module.priors,
+                                              fit.has_rate, n_iter=50)
+        with torch.no_grad():
+            module.population_loc.copy_(pop.loc.to(module.population_loc))
+            module.population_scale.copy_(pop.scale.to(module.population_scale))
+            module.weights_log_concentration.copy_(torch.log(module.priors.weights_concentration + resp.sum(0)).to(
+                module.weights_log_concentration))
+
+
+def _modes(fit):
+    from .encoding import GuideSummary
+
+    return GuideSummary(fit.mean[..., 0], fit.mean[..., 0], fit.mean[..., 1], fit.mean[..., 1])
+
+
+def submodel_evidence(module: MixturePDE, data: CohortTensors, subset: tuple[int, ...], n_draws: int = 200,
+                      seed: int = 0, stats: ParticleStats | None = None) -> EvidenceEstimate:
+    """Log evidence of the sub-model of the components ``subset`` (its own weights on the
+    |S|-simplex and, when learned, its own population priors).
+
+    With fixed priors the full model's points ``stats`` serve as they are. With learned population
+    priors the sub-model's populations can lie far from the full model's (a single mechanism must
+    explain every subject), so its priors are fitted again (``fit_population``) and its integrals
+    placed under them before the globals are integrated.
+    """
+    if stats is not None and not bool(module.population_learned):
+        return iwae_log_evidence(stats, laplace_globals(stats, module, n_draws, seed, subset), subset)
+    sub = module.submodel(subset)
+    if bool(sub.population_learned):
+        fit_population(sub, data)
+    sub_stats = quadrature_stats(sub, data)
+    return iwae_log_evidence(sub_stats, laplace_globals(sub_stats, sub, n_draws, seed))
+
+
+def subset_evidence(module: MixturePDE, data: CohortTensors, n_draws: int = 200, seed: int = 0,
+                    full: ModelEvidence | None = None):
+    """Evidence of every non-empty subset of the fitted components (the paper's subset comparison),
+    each as its own sub-model (``submodel_evidence``); ``full``: the model's own evidence, if
+    already computed. Returns a ``pandas.DataFrame`` sorted by evidence (subset, n_components,
+    log_evidence, log_evidence_se, rank)."""
+    import itertools
+
+    import pandas as pd
+
+    k = module.n_components
+    full = full or model_evidence(module, data, n_draws=n_draws, seed=seed, elbo_repeats=0)
+    rows = []
+    for size in range(1, k + 1):
+        for subset in itertools.combinations(range(k), size):
+            if size == k:
+                value, se = full.log_evidence, full.log_evidence_se
+            else:
+                est = submodel_evidence(module, data, subset, n_draws, seed, full.stats)
+                value, se = est.log_evidence, est.se
+            rows.append({"subset": ",".join(module.components[j] for j in subset), "n_components": size,
+                         "log_evidence": value, "log_evidence_se": se})
+    table = pd.DataFrame(rows).sort_values("log_evidence", ascending=False, ignore_index=True)
+    table["rank"] = np.arange(1, len(table) + 1)
+    return table

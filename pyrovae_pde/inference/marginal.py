@@ -17,11 +17,10 @@ whose error has three parts: the globals' Monte Carlo error (delta method, 1/ESS
 subjects' (delta method over importance particles; zero for quadrature nodes), and for
 quadrature nodes the integration error bound, sum_i of each subject's responsibility-weighted
 two-order difference. ``cross_validated_lpd`` holds whole subjects out: the globals' posterior from
-the other folds predicts them.
+the other folds predicts them. (Sub-models of a subset of the components: ``evidence.subset_evidence``.)
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -258,31 +257,6 @@ def iwae_log_evidence(stats: ParticleStats, draws: GlobalDraws, subset: tuple[in
     bound = quadrature_error_bound(stats, draws, subset)
     se = math.sqrt(var_globals + var_subjects + (bound / 2) ** 2)
     return EvidenceEstimate(value, se, ess, math.sqrt(var_subjects), math.sqrt(var_globals), bound, pointwise)
-
-
-def subset_evidence(stats: ParticleStats, module: MixturePDE, n_draws: int = 200, seed: int = 0):
-    """Evidence of every non-empty subset of the fitted components (the paper's subset comparison).
-
-    Each subset S is its own sub-model built from the fitted components' points: per subject
-    log p(x_i | S, g) = logsumexp_{k in S} (log w_k + log Z_ik(sigma, h_k)) with w on the
-    |S|-simplex under the sub-model's Dirichlet(c 1_|S|) prior and its components' population
-    priors, inside the IWAE estimate over its own Laplace approximation of the globals. Returns a
-    ``pandas.DataFrame`` sorted by evidence (subset, n_components, log_evidence,
-    log_evidence_se, rank).
-    """
-    import pandas as pd
-
-    rows = []
-    k = len(stats.components)
-    for size in range(1, k + 1):
-        for subset in itertools.combinations(range(k), size):
-            draws = laplace_globals(stats, module, n_draws, seed, subset)
-            est = iwae_log_evidence(stats, draws, subset)
-            rows.append({"subset": ",".join(stats.components[j] for j in subset), "n_components": size,
-                         "log_evidence": est.log_evidence, "log_evidence_se": est.se})
-    table = pd.DataFrame(rows).sort_values("log_evidence", ascending=False, ignore_index=True)
-    table["rank"] = np.arange(1, len(table) + 1)
-    return table
 
 
 def cross_validated_lpd(stats: ParticleStats, module: MixturePDE, folds: int = 5, n_draws: int = 200,

@@ -12,6 +12,7 @@ globals (weights w and noise) at their posterior means.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from ..data.cohort import CohortTensors
 from ..model.module import MixturePDE
 from . import particles
 from .marginal import component_log_evidence
+from .prior_check import prior_conflict
 from .encoding import GuideSummary, encode_cohort, global_means  # noqa: F401 (re-exported)
 from .laplace import laplace_fit, pooled_residual_variance
 
@@ -134,9 +136,12 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
             variables[name + suffix] = (dims, value)
     variables["weights"] = (("subtype",), weights.cpu().numpy().astype(float))
     variables["noise_scale"] = ((), float(noise))
-    ds = xr.Dataset(variables, coords=coords, attrs={"schema_version": "1", "kind": "posterior",
-                                                      "n_particles": n_particles,
-                                                      "seed": seed, "refined": int(refine)})
+    attrs = {"schema_version": "1", "kind": "posterior", "n_particles": n_particles, "seed": seed,
+             "refined": int(refine)}
+    if refine:  # prior-data conflict on this cohort (see prior_check)
+        checks = prior_conflict(module.priors, fit.mean, log_evidence, weights, fit.has_rate, fit.n_obs)
+        attrs["prior_conflict"] = json.dumps([c.as_dict() for c in checks])
+    ds = xr.Dataset(variables, coords=coords, attrs=attrs)
     ds["subtype_prob"].attrs["description"] = "posterior probability of each subtype (rows sum to 1)"
     ds["log_evidence_component"].attrs["description"] = (
         "log p(subject's data | subtype): Laplace estimate (refined), or importance-sampled from the "

@@ -58,6 +58,7 @@ from ..model.module import MAX_PLATE_NESTING, NOISE_FLOOR, MixturePDE, RefinedPo
 from .encoding import GuideSummary, encode_cohort
 from .laplace import LaplaceFit, laplace_evidence, laplace_fit, pooled_residual_variance
 from .population import Population, em_population
+from .prior_check import prior_conflict
 from .search import search_modes
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -136,6 +137,7 @@ class TrainState:
     restart_elbos: list = field(default_factory=list)
     initial_noise: float = math.nan
     initial_weights: list = field(default_factory=list)
+    prior_check: list = field(default_factory=list)  # prior_check.PriorCheck.as_dict() per parameter
 
     @property
     def restart_spread(self) -> float:
@@ -148,7 +150,8 @@ class TrainState:
                 "best_epoch": self.best_epoch, "best_validation_elbo": -self.best_val,
                 "elbo_slope_per_epoch": self.elbo_slope, "rollbacks": self.rollbacks,
                 "skipped_steps": self.skipped_steps, "restarts": max(1, len(self.restart_elbos)),
-                "restart_elbos": self.restart_elbos, "restart_spread": self.restart_spread}
+                "restart_elbos": self.restart_elbos, "restart_spread": self.restart_spread,
+                "prior_check": self.prior_check}
 
 
 def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,6 +258,7 @@ class _Trainer:
         self.elbo = _elbo()
         self.train_modes: torch.Tensor | None = None  # (N_train, K, 2) last modes
         self.val_modes: torch.Tensor | None = None
+        self.last_fit: LaplaceFit | None = None  # the training subjects' Laplace fits of the last epoch
 
     # ------------------------------------------------------------------ steps
     def _apply(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params) -> bool:
@@ -337,6 +341,7 @@ class _Trainer:
             m.noise_scale_raw.fill_(math.log(math.expm1(max(log_sd - 1e-4, 1e-6))))
         modes = search.mean.to(data.signal.dtype)
         self.train_modes, self.val_modes = modes[:n_tr].clone(), modes[n_tr:].clone()
+        self.last_fit = search
         self.initial_noise, self.initial_weights = noise, weights.tolist()
         if c.guide != "semi-amortized" or not c.distill_steps:
             return
@@ -412,6 +417,7 @@ class _Trainer:
                                                                        "has_rate", "jtj")))
             if bool(torch.isfinite(joined.mean).all() & torch.isfinite(joined.log_evidence).all()):
                 self.update_population(joined, variance, update_weights=True)
+                self.last_fit = joined
             record["population_loc"] = self.module.population_loc.tolist()
             record["population_scale"] = self.module.population_scale.tolist()
         data = self.val_data if self.val_data.n_subjects else d
@@ -580,4 +586,11 @@ def _train_once(module: MixturePDE, data: CohortTensors, config: TrainConfig, ch
     if state.stop_reason == "running":
         state.stop_reason = "max_epochs"
     module.load_state_dict(best_state)
+    if trainer.last_fit is not None:
+        fit = trainer.last_fit
+        n_tr = trainer.n_train
+        with torch.no_grad():
+            weights = module.weights_concentration().double().cpu()
+        state.prior_check = [c.as_dict() for c in prior_conflict(module.priors, fit.mean[:n_tr], fit.log_evidence[:n_tr],
+                                                                 weights / weights.sum(), fit.has_rate, fit.n_obs[:n_tr])]
     return state, best_state

@@ -28,7 +28,8 @@ def _check_counts(args) -> None:
 
 
 def plot_comparison(table, path) -> Path:
-    """Differences from the rank-1 model in elpd_loo and log evidence, with 2-SE bars."""
+    """Differences from the best model in log evidence, elpd_loo and cross-validated lpd, with 2-SE
+    bars; models that are not ranked (not converged, inconsistent) are drawn hollow."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,23 +38,28 @@ def plot_comparison(table, path) -> Path:
 
     from ..data.contract import atomic_write
 
-    names = list(table["model"])
+    names = [f"{m}{'' if s == 'ranked' else f' ({s})'}" for m, s in zip(table["model"], table["status"])]
+    ranked = (table["status"] == "ranked").to_numpy()
     y = np.arange(len(names))[::-1]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.6 * len(names) + 1.8), sharey=True)
-    for ax, (value, se, title) in zip(axes, (("elpd_diff", "elpd_diff_se", "elpd_loo"),
-                                            ("log_evidence_diff", "log_evidence_diff_se", "log evidence"))):
+    panels = (("log_evidence_diff", "log_evidence_diff_se", "log evidence"), ("elpd_loo_diff", "elpd_loo_diff_se",
+              "elpd_loo (PSIS)"), ("elpd_cv_diff", "elpd_cv_diff_se", "elpd (K-fold CV)"))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.6 * len(names) + 1.8), sharey=True)
+    for ax, (value, se, title) in zip(axes, panels):
         diff = -table[value].to_numpy(dtype=float)
-        err = 2 * table[se].to_numpy(dtype=float)
-        ax.errorbar(diff, y, xerr=err, fmt="o", capsize=4)
+        err = 2 * np.nan_to_num(table[se].to_numpy(dtype=float))
+        for filled in (True, False):
+            sel = ranked == filled
+            ax.errorbar(diff[sel], y[sel], xerr=err[sel], fmt="o", capsize=4, mfc=None if filled else "white",
+                        color="C0" if filled else "grey")
         ax.axvline(0.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("symlog", linthresh=10.0)  # close models and far-off baselines on one axis
         for xi, yi in zip(diff, y):
             ax.annotate(f"{xi:.1f}", (xi, yi), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
-        ax.set_xlabel(f"{title} minus the best model's (nats, symlog; bars: 2 SE)")
+        ax.set_xlabel(f"minus the best model's (nats, symlog; bars: 2 SE)")
         ax.set_title(title)
     axes[0].set_yticks(y)
     axes[0].set_yticklabels(names)
-    fig.suptitle("Model comparison (rank 1 = best elpd_loo)")
+    fig.suptitle("Model comparison (rank 1 = best log evidence among converged, consistent fits)")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
@@ -61,69 +67,98 @@ def plot_comparison(table, path) -> Path:
 
 
 def format_table(table, columns=None, digits: int = 1) -> str:
-    cols = columns or ["rank", "model", "n_components", "elpd_loo", "elpd_loo_se", "elpd_diff", "elpd_diff_se",
-                       "log_evidence", "log_evidence_se", "log_evidence_diff", "elbo", "p_loo", "max_pareto_k"]
+    cols = columns or ["rank", "model", "converged", "repeats", "log_evidence", "log_evidence_se", "log_evidence_diff",
+                       "z", "elpd_loo", "elpd_loo_diff", "elpd_loo_diff_se", "max_pareto_k", "elpd_cv", "elpd_cv_diff",
+                       "elpd_cv_diff_se", "elbo", "status"]
     cols = [c for c in cols if c in table.columns]
     return table[cols].to_string(index=False, float_format=lambda v: f"{v:.{digits}f}")
+
+
+def _candidates(args) -> list[list[str]]:
+    """Component lists of the models to fit: --models, and every subset of --mechanisms up to
+    --max-components mechanisms."""
+    import itertools
+
+    out = []
+    for text in args.models or []:
+        components = _components(text)
+        if not components:
+            raise UserError(f"--models: {text!r} names no component")
+        out.append(components)
+    if args.mechanisms:
+        mechanisms = _components(args.mechanisms)
+        if len(set(mechanisms)) != len(mechanisms) or not mechanisms:
+            raise UserError(f"--mechanisms {args.mechanisms!r}: give distinct mechanism names")
+        top = args.max_components or len(mechanisms)
+        if not 1 <= top <= len(mechanisms):
+            raise UserError(f"--max-components must be between 1 and {len(mechanisms)}, got {top}")
+        for size in range(1, top + 1):
+            out += [list(c) for c in itertools.combinations(mechanisms, size)]
+    names = [_run_name(c) for c in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"--models/--mechanisms: {', '.join(twice)} given twice")
+    return out
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..data.contract import atomic_write
-    from ..inference.arviz_export import PARETO_K_MAX, compare_models
-    from ..inference.marginal import subset_evidence
+    from ..inference.comparison import FittedRun, compare_models
     from .api import SubtypeModel
 
     _check_counts(args)
-    if not args.models and not args.runs:
-        raise UserError("give models to fit (--models fisher_kpp diffusion fisher_kpp,diffusion) or fitted "
-                        "runs (--runs RUN_DIR ...)")
+    if args.repeats < 1 or args.folds < 2:
+        raise UserError(f"--repeats must be >= 1 and --folds >= 2, got {args.repeats} and {args.folds}")
+    candidates = _candidates(args)
+    if not candidates and not args.runs:
+        raise UserError("give models to fit (--models fisher_kpp diffusion fisher_kpp,diffusion, or --mechanisms "
+                        "diffusion,fisher_kpp,zeldovich --max-components 2) or fitted runs (--runs RUN_DIR ...)")
     ds = load_dataset(args.data)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; give a directory")
-    models = {}
-    for run in args.runs or []:
+    runs: dict[str, list] = {}
+    source = str(args.data)
+    for run in args.runs or []:  # runs with the same mechanisms are repeats of one model
         model = SubtypeModel.load(run)
         warn_if_unconverged(model, run)
-        name = _run_name(model.components)
-        if name in models:
-            name = f"{name} ({Path(run).name})"
-        models[name] = model
-    for text in args.models or []:
-        components = _components(text)
-        if not components:
-            raise UserError(f"--models: {text!r} names no component")
+        runs.setdefault(_run_name(model.components), []).append(
+            FittedRun(model.module_, model._tensors(ds, source), model.converged_, -1))
+    for components in candidates:
         name = _run_name(components)
-        if name in models:
-            raise UserError(f"--models: {name} is given twice (or also as a --runs run)")
-        run_dir = out / "runs" / name.replace(",", "+")
-        start = time.perf_counter()
-        print(f"fitting {name} -> {run_dir}", flush=True)
-        models[name] = fit_model(ds, components, args, run_dir, str(args.data))
-        print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
-    print(f"evaluating {len(models)} model(s): {args.particles} particles per subject and component, "
-          f"{args.draws} posterior draws of the globals", flush=True)
-    with warnings.catch_warnings():  # high Pareto k is reported below, once per model
-        warnings.simplefilter("ignore", UserWarning)
-        table, evidences = compare_models(models, ds, n_particles=args.particles, n_draws=args.draws,
-                                          seed=args.seed, source=str(args.data))
+        if name in runs:
+            raise UserError(f"--models: {name} is given both to fit and as a --runs run")
+        for r in range(args.repeats):
+            seed = args.seed + r
+            run_dir = out / "runs" / name.replace(",", "+") / f"seed-{seed}"
+            start = time.perf_counter()
+            print(f"fitting {name} (seed {seed}) -> {run_dir}", flush=True)
+            args_r = argparse.Namespace(**{**vars(args), "seed": seed})
+            model = fit_model(ds, components, args_r, run_dir, source)
+            print(f"  done in {time.perf_counter() - start:.0f} s: "
+                  f"{'converged' if model.converged_ else 'NOT converged'}", flush=True)
+            warn_if_unconverged(model, str(run_dir))
+            runs.setdefault(name, []).append(FittedRun(model.module_, model._tensors(ds, source), model.converged_, seed))
+    print(f"evaluating {len(runs)} model(s): quadrature of every subject's integrals, {args.draws} posterior draws of "
+          f"the globals, {args.folds}-fold cross-validation", flush=True)
+    start = time.perf_counter()
+    result = compare_models(runs, n_draws=args.draws, seed=args.seed, folds=args.folds)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "comparison.csv", lambda tmp: table.to_csv(tmp, index=False))
-    plot_comparison(table, out / "comparison.png")
-    print(format_table(table))
-    for _, row in table.iterrows():
-        if row["max_pareto_k"] > PARETO_K_MAX:
-            print(f"warning: {row['model']}: Pareto k > {PARETO_K_MAX} for "
-                  f"{100 * (1 - row['pareto_k_ok_fraction']):.1f}% of subjects (max {row['max_pareto_k']:.2f})")
-    for name, model in models.items():
-        if len(model.components) > 1:
-            subsets = subset_evidence(evidences[name].stats, model.module_, n_draws=args.draws, seed=args.seed)
-            path = out / f"subset_evidence_{name.replace(',', '+')}.csv"
-            atomic_write(path, lambda tmp: subsets.to_csv(tmp, index=False))
-            print(f"subset evidence of {name} ({path.name}):")
-            print(subsets.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
-    print(f"wrote {out / 'comparison.csv'} and {out / 'comparison.png'}")
+    atomic_write(out / "comparison.csv", lambda tmp: result.table.to_csv(tmp, index=False))
+    plot_comparison(result.table, out / "comparison.png")
+    print(format_table(result.table))
+    for line in result.warnings:
+        print(f"warning: {line}")
+    for name, subsets in result.subsets.items():
+        path = out / f"subset_evidence_{name.replace(',', '+')}.csv"
+        atomic_write(path, lambda tmp: subsets.to_csv(tmp, index=False))
+        print(f"subset evidence of {name} ({path.name}):")
+        print(subsets.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    atomic_write(out / "verdict.txt", lambda tmp: Path(tmp).write_text(result.verdict + "\n"))
+    print(f"evaluated in {time.perf_counter() - start:.0f} s; wrote {out / 'comparison.csv'}, comparison.png, "
+          "verdict.txt")
+    print(result.verdict)
     return 0
 
 
@@ -214,10 +249,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="contract NetCDF file")
     p.add_argument("--models", nargs="+", metavar="COMPONENTS",
                    help="models to fit, each a comma list of components (one name = single-PDE baseline)")
-    p.add_argument("--runs", nargs="+", metavar="RUN_DIR", help="already fitted run directories to compare")
-    p.add_argument("--out", required=True, help="output directory (comparison.csv, comparison.png, runs/)")
+    p.add_argument("--mechanisms", metavar="A,B,C",
+                   help="fit and rank every subset of these mechanisms (how many subtypes, and which)")
+    p.add_argument("--max-components", type=int, metavar="K",
+                   help="with --mechanisms: subsets of at most K mechanisms (default: all)")
+    p.add_argument("--runs", nargs="+", metavar="RUN_DIR",
+                   help="already fitted run directories to compare (runs with the same mechanisms are repeats)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="fits of each model with seeds SEED, SEED+1, ...: their spread enters the evidence's SE "
+                        "(default 2)")
+    p.add_argument("--folds", type=int, default=5, help="K of the K-fold cross-validation (default 5)")
+    p.add_argument("--out", required=True, help="output directory (comparison.csv, comparison.png, verdict.txt, runs/)")
     add_training_arguments(p)
-    _evaluation_arguments(p)
+    p.add_argument("--draws", type=int, default=200, help="posterior draws of the globals (default 200)")
     p.set_defaults(handler=cmd_compare)
 
     p = subparsers.add_parser("ppc", help="posterior predictive checks of a fitted model")

@@ -76,6 +76,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
           f"validation ELBO {-hist.best_val:.2f} per subject; {convergence_line(hist.diagnostics())}; "
           f"run directory {out}")
     warn_if_unconverged(model, str(out))
+    warn_prior_conflicts(hist.prior_check, str(out))
     return 0
 
 
@@ -108,6 +109,18 @@ def warn_if_unconverged(model, where: str) -> None:
         print(f"warning: {where}: {message}", file=sys.stderr)
 
 
+def warn_prior_conflicts(checks: list[dict], where: str) -> None:
+    """One warning line per prior that conflicts with the data (see inference.prior_check)."""
+    import sys
+
+    from ..inference.prior_check import PriorCheck
+
+    for c in checks:
+        check = PriorCheck(c["parameter"], c["share_outside"], c["n_subjects"], tuple(c["prior"]), tuple(c["suggested"]))
+        if check.conflict:
+            print(f"warning: {where}: {check.message()}", file=sys.stderr)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..data.contract import atomic_write
@@ -122,6 +135,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     atomic_write(args.out, lambda tmp: post.to_netcdf(tmp, engine="h5netcdf"))
     print(f"wrote {args.out}: posterior of {post.sizes['subject']} subjects over subtypes "
           f"{', '.join(model.components)} in {time.perf_counter() - start:.1f} s")
+    if "prior_conflict" in post.attrs:
+        import json
+
+        warn_prior_conflicts(json.loads(post.attrs["prior_conflict"]), str(args.data))
     if "true_subtype" in ds:
         from ..inference.evaluation import format_metrics, recovery_metrics
 

@@ -84,6 +84,7 @@ class MixturePDE(nn.Module):
         self.n_visits = n_visits
         self.reaction_step = reaction_step
         self.initial_reaction_step = initial_reaction_step
+        self.time_scale, self.encoder_width = time_scale, encoder_width
         encoder_cls = GridEncoder if domain.kind == "grid" else GraphEncoder
         # Build the body with an identity head to measure its feature size, then attach the real head.
         probe = encoder_cls(domain, n_visits, head=nn.Identity(), width=encoder_width, time_scale=time_scale)
@@ -117,6 +118,23 @@ class MixturePDE(nn.Module):
         loc = torch.tensor([[p.diffusivity.loc, p.reaction.loc]] * self.n_components)
         scale = torch.tensor([[p.diffusivity.scale, p.reaction.scale]] * self.n_components)
         return loc, scale
+
+    def submodel(self, subset: Sequence[int]) -> "MixturePDE":
+        """The mixture of the components ``subset`` only: same domain, priors and solver settings,
+        those components' population priors, the noise scale, the weights' concentrations of those
+        components; a fresh encoder (only ever used to seed searches)."""
+        subset = list(subset)
+        sub = MixturePDE(self.domain, [self.components[k] for k in subset], self.n_visits, self.priors,
+                         time_scale=self.time_scale, reaction_step=self.reaction_step, encoder_width=self.encoder_width,
+                         initial_reaction_step=self.initial_reaction_step).to(self.noise_loc)
+        with torch.no_grad():
+            sub.population_loc.copy_(self.population_loc[subset])
+            sub.population_scale.copy_(self.population_scale[subset])
+            sub.population_learned.copy_(self.population_learned)
+            sub.weights_log_concentration.copy_(self.weights_log_concentration[subset])
+            sub.noise_loc.copy_(self.noise_loc)
+            sub.noise_scale_raw.copy_(self.noise_scale_raw)
+        return sub
 
     def clamp_theta(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log D, log r) clamped to the base prior's centre +- ``THETA_RANGE_SDS`` sds: searches stay

@@ -1,0 +1,210 @@
+"""Model comparison that holds up: evidence with every error source, one verdict, no silent ranking.
+
+For each candidate model (a set of mechanisms), ``compare_models`` takes one or more fits (repeats
+with other seeds) and reports
+
+* the log evidence (``evidence.model_evidence``: quadrature of every subject's latents, the
+  globals and population priors integrated), averaged over the repeats, with an SE combining the
+  Monte Carlo and quadrature errors (``mc_se``) and the fit-to-fit spread of the repeats
+  (``fit_spread``, the sd of their estimates);
+* PSIS-LOO (``az.loo`` on the pointwise marginal likelihood, Pareto k) and a K-fold
+  cross-validated log predictive density of whole held-out subjects (``marginal.cross_validated_lpd``),
+  both with SEs of their differences paired over subjects;
+* whether every fit converged. A model whose fits did not converge, or whose evidence disagrees
+  with a larger model's subset evidence for the same mechanisms (a fitting failure on one side),
+  is flagged and not ranked.
+
+The verdict ranks the remaining models by log evidence: the best, or "not decided" when the top
+two lie within 2 combined SE.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data.cohort import CohortTensors
+from ..model.module import MixturePDE
+from .evidence import ModelEvidence, model_evidence, submodel_evidence, subset_evidence
+from .marginal import cross_validated_lpd
+
+PARETO_K_MAX = 0.7
+DECISION_Z = 2.0  # the top two models must differ by this many combined SE for a verdict
+CONSISTENCY_Z = 3.0  # a model's evidence and a larger model's subset evidence may differ by this many SE
+CONSISTENCY_FLOOR = 1.0  # ... plus this many nats
+COMPARISON_COLUMNS = ["rank", "model", "n_components", "converged", "repeats", "log_evidence", "log_evidence_se",
+                      "mc_se", "fit_spread", "log_evidence_diff", "log_evidence_diff_se", "z", "elpd_loo",
+                      "elpd_loo_se", "elpd_loo_diff", "elpd_loo_diff_se", "p_loo", "max_pareto_k", "elpd_cv",
+                      "elpd_cv_se", "elpd_cv_diff", "elpd_cv_diff_se", "elbo", "status"]
+
+
+@dataclass
+class FittedRun:
+    """One fit of a candidate model: its module, the cohort as it sees it, whether its training
+    converged, and its seed."""
+
+    module: MixturePDE
+    data: CohortTensors
+    converged: bool
+    seed: int = 0
+
+
+@dataclass
+class Comparison:
+    """``table`` (one row per model, ``COMPARISON_COLUMNS``), the ``verdict`` line, ``warnings``
+    (one line each), the evidences of every repeat and the subset-evidence tables of mixtures."""
+
+    table: pd.DataFrame
+    verdict: str
+    warnings: list[str]
+    evidences: dict[str, list[ModelEvidence]] = field(repr=False)
+    subsets: dict[str, pd.DataFrame] = field(repr=False)
+
+
+def _loo(evidence: ModelEvidence) -> dict:
+    """elpd_loo, its SE, p_loo, the Pareto k and the pointwise elpd of ``az.loo`` (arviz 0.x and 1.x)."""
+    import arviz as az
+
+    from .arviz_export import loo_inference_data
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loo = az.loo(loo_inference_data(evidence), pointwise=True)
+
+    def get(*names):
+        for name in names:
+            try:
+                value = loo[name]
+            except (KeyError, TypeError, IndexError):
+                value = getattr(loo, name, None)
+            if value is not None:
+                return value
+        raise KeyError(names[0])
+
+    return {"elpd_loo": float(get("elpd_loo", "elpd")), "elpd_loo_se": float(get("se")),
+            "p_loo": float(get("p_loo", "p")), "pareto_k": np.asarray(get("pareto_k"), dtype=float).ravel(),
+            "loo_i": np.asarray(get("loo_i", "elpd_i"), dtype=float).ravel()}
+
+
+def _paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    d = a - b
+    return float(d.sum()), float(math.sqrt(d.size) * d.std(ddof=1)) if d.size > 1 else math.nan
+
+
+def compare_models(runs: dict[str, list[FittedRun]], n_draws: int = 200, seed: int = 0, folds: int = 5,
+                   elbo_draws: int = 4) -> Comparison:
+    """Compare candidate models (name -> fits of that model, e.g. several seeds) on one cohort.
+
+    See the module docstring; ``folds`` is K of the cross-validation, ``elbo_draws`` the draws of
+    each fit's ELBO (0: not computed).
+    """
+    if not runs:
+        raise ValueError("give at least one model to compare")
+    evidences, rows, pointwise = {}, {}, {}
+    for name, fits in runs.items():
+        evs = [model_evidence(f.module, f.data, n_draws=n_draws, seed=seed, elbo_repeats=elbo_draws) for f in fits]
+        evidences[name] = evs
+        values = np.array([e.log_evidence for e in evs])
+        mc_se = float(math.sqrt(np.mean([e.log_evidence_se ** 2 for e in evs])))
+        spread = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        loo = _loo(evs[0])
+        cv, cv_se, cv_i = cross_validated_lpd(evs[0].stats, fits[0].module, folds=folds, n_draws=n_draws, seed=seed)
+        pointwise[name] = (loo.pop("loo_i"), cv_i)
+        k = loo.pop("pareto_k")
+        rows[name] = {"model": name, "n_components": len(fits[0].module.components),
+                      "converged": all(f.converged for f in fits), "repeats": len(fits),
+                      "log_evidence": float(values.mean()), "mc_se": mc_se, "fit_spread": spread,
+                      "log_evidence_se": math.hypot(mc_se, 0.0 if math.isnan(spread) else spread), **loo,
+                      "max_pareto_k": float(k.max()), "pareto_k_ok_fraction": float((k <= PARETO_K_MAX).mean()),
+                      "elpd_cv": cv, "elpd_cv_se": cv_se, "quadrature_error": float(np.mean([e.quadrature_error
+                                                                                             for e in evs])),
+                      "unconverged_integrals": float(np.mean([e.unconverged.float().mean() if e.unconverged is not None
+                                                              else 0.0 for e in evs])),
+                      "elbo": float(np.mean([e.elbo for e in evs])), "status": "ranked"}
+    notes: list[str] = []
+    subsets = {}
+    for name, fits in runs.items():
+        if len(fits[0].module.components) > 1:
+            subsets[name] = subset_evidence(fits[0].module, fits[0].data, n_draws=n_draws, seed=seed,
+                                            full=evidences[name][0])
+    _check_consistency(runs, evidences, rows, notes, n_draws, seed)
+    for name, row in rows.items():
+        if not row["converged"]:
+            row["status"] = "not converged"
+            notes.append(f"{name}: not ranked: its fit did not converge (see its warning; refit with a larger --epochs "
+                         "or --restarts)")
+        if row["max_pareto_k"] > PARETO_K_MAX:
+            notes.append(f"{name}: Pareto k > {PARETO_K_MAX} for {100 * (1 - row['pareto_k_ok_fraction']):.1f}% of "
+                         f"subjects (max {row['max_pareto_k']:.2f}): its PSIS-LOO is unreliable there")
+        if row["unconverged_integrals"] > 0:
+            notes.append(f"{name}: the quadrature of {100 * row['unconverged_integrals']:.1f}% of (subject, mechanism) "
+                         "integrals did not reach its tolerance; their error is in the SE")
+        if len(runs[name]) == 1:
+            row["fit_spread"] = math.nan
+    table = pd.DataFrame(list(rows.values()))
+    ranked = table[table["status"] == "ranked"].sort_values("log_evidence", ascending=False)
+    table["rank"] = np.nan
+    table.loc[ranked.index, "rank"] = np.arange(1, len(ranked) + 1)
+    verdict = _verdict(ranked, rows, runs)
+    best = ranked.iloc[0]["model"] if len(ranked) else table.sort_values("log_evidence", ascending=False).iloc[0]["model"]
+    ref = rows[best]
+    for col, se_col in (("log_evidence_diff", "log_evidence_diff_se"),):
+        table[col] = ref["log_evidence"] - table["log_evidence"]
+        table[se_col] = np.where(table["model"] == best, 0.0,
+                                 np.sqrt(ref["log_evidence_se"] ** 2 + table["log_evidence_se"] ** 2))
+    table["z"] = np.where(table["log_evidence_diff_se"] > 0, table["log_evidence_diff"] / table["log_evidence_diff_se"],
+                          0.0)
+    for j, prefix in enumerate(("elpd_loo", "elpd_cv")):
+        diffs = [_paired(pointwise[best][j], pointwise[name][j]) for name in table["model"]]
+        table[f"{prefix}_diff"] = [d for d, _ in diffs]
+        table[f"{prefix}_diff_se"] = [0.0 if name == best else s for name, (_, s) in zip(table["model"], diffs)]
+    table = table.sort_values(["rank", "log_evidence"], ascending=[True, False], na_position="last",
+                              ignore_index=True)
+    extra = [c for c in table.columns if c not in COMPARISON_COLUMNS]
+    return Comparison(table[COMPARISON_COLUMNS + extra], verdict, notes, evidences, subsets)
+
+
+def _check_consistency(runs, evidences, rows, notes, n_draws: int, seed: int) -> None:
+    """A model S fitted on its own and a larger model M containing S's mechanisms must agree on the
+    evidence of S (M's subset evidence uses M's own fit); beyond their errors one fit failed."""
+    names = list(runs)
+    for small in names:
+        comps_s = runs[small][0].module.components
+        for big in names:
+            comps_b = runs[big][0].module.components
+            if big == small or not set(comps_s) < set(comps_b):
+                continue
+            idx = tuple(comps_b.index(c) for c in comps_s)
+            sub = submodel_evidence(runs[big][0].module, runs[big][0].data, idx, n_draws, seed,
+                                    evidences[big][0].stats)
+            diff = rows[small]["log_evidence"] - sub.log_evidence
+            se = math.hypot(rows[small]["log_evidence_se"], sub.se)
+            if abs(diff) > CONSISTENCY_Z * se + CONSISTENCY_FLOOR:
+                for name in (small, big):
+                    rows[name]["status"] = "inconsistent"
+                notes.append(f"{small} and {big}: {small}'s evidence ({rows[small]['log_evidence']:.1f}) disagrees with "
+                             f"the subset evidence of {big} for the same mechanisms ({sub.log_evidence:.1f}) by "
+                             f"{diff:+.1f} nats (> {CONSISTENCY_Z:g} SE): one of the two fits failed; neither is ranked. "
+                             "Refit both with --restarts 3")
+
+
+def _verdict(ranked: pd.DataFrame, rows: dict, runs: dict) -> str:
+    if len(ranked) == 0:
+        return "verdict: none: no model's fit converged and agreed with the others (see the warnings)"
+    first = ranked.iloc[0]
+    if len(ranked) == 1:
+        return f"verdict: {first['model']} (the only model ranked; see the warnings for the others)"
+    second = ranked.iloc[1]
+    diff = first["log_evidence"] - second["log_evidence"]
+    se = math.hypot(first["log_evidence_se"], second["log_evidence_se"])
+    repeats = min(len(runs[first["model"]]), len(runs[second["model"]]))
+    caveat = "" if repeats > 1 else " (fit-to-fit spread not measured: --repeats 1)"
+    if diff < DECISION_Z * se:
+        return (f"verdict: not decided between {first['model']} and {second['model']}: their log evidences differ by "
+                f"{diff:.1f} +- {se:.1f} nats (z = {diff / se:.1f} < {DECISION_Z:g}){caveat}")
+    return (f"verdict: {first['model']}: ahead of {second['model']} by {diff:.1f} +- {se:.1f} nats of log evidence "
+            f"(z = {diff / se:.1f}){caveat}")
