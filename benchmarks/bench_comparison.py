@@ -1,158 +1,171 @@
-"""Model comparison, PPC and forecast figures over several seeds (issue: comparison).
+"""Model comparison that holds up (issue: comparison): how often `compare` names the generating structure.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_comparison.py --seeds 0 1 2 3 4 --out /tmp/bench_comparison.json
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_comparison.py --grid-seeds 0 1 --skip-graph
+For every setting (benchmark, data, cohort size, noise, prior, data seed) a cohort is simulated from a
+single PDE or from the two-mechanism mixture, and three models are compared exactly as
+`pyrovae-pde compare` does it (each fitted ``--repeats`` times with the default training, then
+evidence by quadrature with the globals integrated, PSIS-LOO, K-fold CV, verdict):
 
-Graph benchmark (68-region connectome, noise sd 0.02, 150 subjects, 3-5 visits): per seed, three
-data sets -- the fisher_kpp + diffusion mixture (each subject's last visit held out), Fisher-KPP
-alone, diffusion alone -- each fitted by fisher_kpp, diffusion and the mixture (3 epochs, 100
-warm-up steps), then compared (32 particles, 200 draws), checked (PPC, 200 replicates) and, on
-the mixture data, forecast at the held-out visits. Paper grid: a 3-component model fitted to
-data from fisher_kpp + zeldovich only, subset evidence of all 7 subsets.
+* graph (68-region connectome, 2-5 irregular visits): fisher_kpp, diffusion, fisher_kpp+diffusion;
+* paper-grid (32x32 disc, visits 0, 6, 24): fisher_kpp, zeldovich, fisher_kpp+zeldovich.
+
+Priors: ``matched`` (the simulator's ranges as the central 95% intervals) or ``default`` (derived
+from the cohort's follow-up and Laplacian). One JSON line per setting goes to ``--json``; settings
+already there are skipped (so a run can be resumed or split with ``--shard I/N``);
+``--summary`` prints the tables of RESULTS.md from that file.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_comparison.py --benchmark graph --json cmp.jsonl --shard 0/2 &
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_comparison.py --benchmark graph --json cmp.jsonl --shard 1/2
+    .venv/bin/python benchmarks/bench_comparison.py --summary cmp.jsonl
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import sys
 import time
-import warnings
+from pathlib import Path
 
 import numpy as np
-import torch
 
-from pyrovae_pde.data import simulate
-from pyrovae_pde.inference import evidence as ev
-from pyrovae_pde.inference.arviz_export import compare_models
-from pyrovae_pde.inference.forecast import band_coverage, forecast, hold_out_last_visit
-from pyrovae_pde.inference.ppc import posterior_predictive_check
-from pyrovae_pde.inference.train import TrainingDivergedError
-from pyrovae_pde.interfaces.api import SubtypeModel
-
-GRAPH_PRIORS = {"diffusivity": (0.05, 1.0), "reaction": (0.1, 1.0)}
-MIX = "fisher_kpp,diffusion"
-MODELS = ("fisher_kpp", "diffusion", MIX)
+SETTINGS = {
+    "graph": dict(mechanisms=("fisher_kpp", "diffusion"), matched={"diffusivity": (0.05, 1.0), "reaction": (0.1, 1.0)}),
+    "paper-grid": dict(mechanisms=("fisher_kpp", "zeldovich"),
+                       matched={"diffusivity": (0.01, 1.0), "reaction": (0.01, 0.1)}),
+}
 
 
-def fit(components: str, ds, epochs: int) -> SubtypeModel:
-    return SubtypeModel(components, priors=GRAPH_PRIORS).fit(ds, epochs=epochs, progress=False,
-                                                             warmup_sleep_steps=100, seed=0)
+def key(cfg: dict) -> str:
+    return "|".join(str(cfg[k]) for k in ("benchmark", "data", "subjects", "noise", "prior", "seed"))
 
 
-def graph_seed(seed: int, n: int, epochs: int) -> dict:
-    out: dict = {"seed": seed}
-    full = simulate("graph", n, seed=seed, noise_sd=0.02, min_visits=3)
-    train, held_t, held_x = hold_out_last_visit(full)
-    datasets = {"mixture": train,
-                "fisher_kpp": simulate("graph", n, seed=1000 + seed, noise_sd=0.02, components=("fisher_kpp",)),
-                "diffusion": simulate("graph", n, seed=2000 + seed, noise_sd=0.02, components=("diffusion",))}
-    for label, ds in datasets.items():
-        start = time.perf_counter()
-        models = {name: fit(name, ds, epochs) for name in MODELS}
-        fit_s = time.perf_counter() - start
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            table, evidences = compare_models(models, ds, n_particles=32, n_draws=200, seed=0)
-        eval_s = time.perf_counter() - start
-        rows = table.set_index("model")
-        res = {"fit_s": fit_s, "compare_s": eval_s, "rank1": table.iloc[0]["model"], "models": {}}
-        for name in MODELS:
-            r = rows.loc[name]
-            res["models"][name] = {k: float(r[k]) for k in
-                                   ("elbo", "log_evidence", "log_evidence_se", "elpd_loo", "elpd_loo_se", "p_loo",
-                                    "max_pareto_k", "pareto_k_ok_fraction", "elpd_diff", "elpd_diff_se",
-                                    "log_evidence_diff", "log_evidence_diff_se")}
-            res["models"][name]["rank"] = int(r["rank"])
-            start = time.perf_counter()
-            ppc = posterior_predictive_check(models[name], ds, n_draws=200, n_particles=32, seed=0,
-                                             evidence=None)
-            t = ppc.table
-            res["models"][name]["ppc_pooled"] = dict(zip(t[t.visit == "all"].statistic,
-                                                         t[t.visit == "all"].p_value.round(3)))
-            res["models"][name]["ppc_per_visit"] = [round(float(p), 3) for p in t[t.visit != "all"].p_value]
-            res["models"][name]["ppc_s"] = time.perf_counter() - start
-        # pairwise gaps in SE units
-        for a, b in ((MIX, "fisher_kpp"), (MIX, "diffusion"), ("fisher_kpp", "diffusion"), ("diffusion", "fisher_kpp")):
-            ra, rb = rows.loc[a], rows.loc[b]
-            gap_ev = ra["log_evidence"] - rb["log_evidence"]
-            se_ev = math.hypot(ra["log_evidence_se"], rb["log_evidence_se"])
-            # paired elpd SE: az.compare's dse of whichever of the two is not rank 1 vs rank 1 is only
-            # exact when one of them is rank 1; recompute it from the pointwise values instead
-            pa = ev_pointwise_elpd(evidences[a])
-            pb = ev_pointwise_elpd(evidences[b])
-            diff = pa - pb
-            res[f"{a} vs {b}"] = {"log_evidence_gap": gap_ev, "log_evidence_gap_in_se": gap_ev / se_ev,
-                                  "elpd_gap": float(diff.sum()),
-                                  "elpd_gap_in_se": float(diff.sum() / (math.sqrt(len(diff)) * diff.std(ddof=1)))}
-        subsets = ev.subset_evidence(evidences[MIX].stats, models[MIX].module_, n_draws=200)
-        res["mixture_subsets"] = subsets[["subset", "log_evidence", "log_evidence_se"]].round(2).to_dict("records")
-        if label == "mixture":
-            start = time.perf_counter()
-            fc = forecast(models[MIX], ds, held_t[:, None], n_draws=200, n_particles=32, seed=0)
-            res["forecast_coverage_90"] = band_coverage(fc, held_x)
-            res["forecast_s"] = time.perf_counter() - start
-        out[label] = res
-        print(json.dumps({"seed": seed, "data": label, "rank1": res["rank1"],
-                          **{k: v for k, v in res.items() if " vs " in k or k.startswith("forecast")}}), flush=True)
+def configs(args) -> list[dict]:
+    out = []
+    for bench in args.benchmark:
+        a, b = SETTINGS[bench]["mechanisms"]
+        for n, noise, prior, seed, data in itertools.product(args.sizes, args.noise, args.priors, args.seeds,
+                                                             (a, b, f"{a},{b}")):
+            out.append({"benchmark": bench, "data": data, "subjects": n, "noise": noise, "prior": prior, "seed": seed})
     return out
 
 
-def ev_pointwise_elpd(evidence) -> np.ndarray:
-    """PSIS-LOO pointwise elpd of a model (subjects)."""
-    import arviz as az
+def run_one(cfg: dict, repeats: int, folds: int, draws: int) -> dict:
+    import torch
 
-    from pyrovae_pde.inference.arviz_export import loo_inference_data
+    from pyrovae_pde.data import simulate
+    from pyrovae_pde.inference.comparison import FittedRun, compare_models
+    from pyrovae_pde.interfaces.api import SubtypeModel
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loo = az.loo(loo_inference_data(evidence), pointwise=True)
-    return np.asarray(loo.loo_i).ravel()
-
-
-def grid_seed(seed: int, n: int, particles: int, epochs: int) -> dict:
-    ds = simulate("paper-grid", n, seed=seed, noise_sd=0.02, components=("fisher_kpp", "zeldovich"))
+    s = SETTINGS[cfg["benchmark"]]
+    a, b = s["mechanisms"]
+    components = tuple(cfg["data"].split(","))
+    # data seeds are offset per data type so that the three data sets of a seed are independent
+    data_seed = 1000 * (1 + ["single-a", "single-b", "mixture"].index(
+        "mixture" if len(components) == 2 else ("single-a" if components[0] == a else "single-b"))) + cfg["seed"]
+    ds = simulate(cfg["benchmark"], cfg["subjects"], seed=data_seed, noise_sd=cfg["noise"], components=components)
+    priors = s["matched"] if cfg["prior"] == "matched" else None
+    runs, fit_seconds, converged = {}, 0.0, {}
+    for name in (a, b, f"{a},{b}"):
+        for r in range(repeats):
+            start = time.perf_counter()
+            model = SubtypeModel(name, priors=priors).fit(ds, seed=r, progress=False)
+            fit_seconds += time.perf_counter() - start
+            runs.setdefault(name, []).append(FittedRun(model.module_, model._tensors(ds, "bench"), model.converged_, r))
     start = time.perf_counter()
-    model = SubtypeModel(["fisher_kpp", "saturating", "zeldovich"])
-    try:
-        model.fit(ds, epochs=epochs, progress=False, warmup_sleep_steps=0, seed=0)
-    except TrainingDivergedError:  # a short fit at the default rate can diverge on the grid
-        model.fit(ds, epochs=epochs, progress=False, warmup_sleep_steps=0, seed=0, learning_rate=2e-3)
-    fit_s = time.perf_counter() - start
-    start = time.perf_counter()
-    stats = ev.particle_stats(model.module_, model._tensors(ds, "grid"), n_particles=particles, seed=0)
-    table = ev.subset_evidence(stats, model.module_, n_draws=200)
-    out = {"seed": seed, "subjects": n, "particles": particles, "fit_s": fit_s, "evidence_s": time.perf_counter() - start,
-           "rank1": table.iloc[0]["subset"],
-           "subsets": table[["subset", "log_evidence", "log_evidence_se"]].round(2).to_dict("records")}
-    print(json.dumps(out), flush=True)
-    return out
+    result = compare_models(runs, n_draws=draws, seed=0, folds=folds)
+    compare_seconds = time.perf_counter() - start
+    table = result.table.set_index("model")
+    models = {}
+    for name in table.index:
+        row = table.loc[name]
+        evs = result.evidences[name]
+        models[name] = {"log_evidence": float(row["log_evidence"]), "se": float(row["log_evidence_se"]),
+                        "mc_se": float(row["mc_se"]), "fit_spread": float(row["fit_spread"]),
+                        "status": row["status"], "rank": None if np.isnan(row["rank"]) else int(row["rank"]),
+                        "repeats": [e.log_evidence for e in evs], "repeat_se": [e.log_evidence_se for e in evs],
+                        "elpd_loo": float(row["elpd_loo"]), "elpd_cv": float(row["elpd_cv"]),
+                        "max_pareto_k": float(row["max_pareto_k"])}
+    truth = cfg["data"]
+    ranked = result.table[result.table["status"] == "ranked"]
+    first = ranked.iloc[0]["model"] if len(ranked) else None
+    z = float(ranked.iloc[1]["z"]) if len(ranked) > 1 else math.nan
+    decided = result.verdict.startswith("verdict: ") and not result.verdict.startswith("verdict: not decided") \
+        and not result.verdict.startswith("verdict: none")
+    return {**cfg, "truth": truth, "first": first, "decided": decided, "z": z, "verdict": result.verdict,
+            "correct": first == truth and decided, "wrong": decided and first != truth,
+            "not_decided": not decided, "warnings": result.warnings, "models": models,
+            "fit_seconds": round(fit_seconds, 1), "compare_seconds": round(compare_seconds, 1),
+            "torch_threads": torch.get_num_threads()}
 
 
-def main() -> None:
+def summary(path: str) -> None:
+    rows = [json.loads(line) for line in open(path)]
+    print(f"{len(rows)} settings\n")
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["benchmark"], r["data"], r["subjects"], r["noise"], r["prior"]), []).append(r)
+    print("| benchmark | data | subjects | noise | prior | seeds | first & decided | not decided | wrong (z > 3) | "
+          "repeats within 2 SE | median z | compare s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    agree_all = []
+    for k in sorted(groups):
+        g = groups[k]
+        agree = []
+        for r in g:
+            for m in r["models"].values():
+                v, se = m["repeats"], m["repeat_se"]
+                if len(v) > 1:
+                    agree.append(abs(v[0] - v[1]) <= 2 * math.hypot(se[0], se[1]))
+        agree_all += agree
+        wrong = sum(r["wrong"] for r in g)
+        wrong3 = sum(r["wrong"] and r["z"] > 3 for r in g)
+        zs = [r["z"] for r in g if np.isfinite(r["z"])]
+        print(f"| {' | '.join(str(x) for x in k)} | {len(g)} | {sum(r['correct'] for r in g)} | "
+              f"{sum(r['not_decided'] for r in g)} | {wrong} ({wrong3}) | {np.mean(agree) if agree else float('nan'):.2f} | "
+              f"{np.median(zs) if zs else float('nan'):.1f} | {np.median([r['fit_seconds'] + r['compare_seconds'] for r in g]):.0f} |")
+    print(f"\nall: {sum(r['correct'] for r in rows)}/{len(rows)} first and decided, "
+          f"{sum(r['not_decided'] for r in rows)} not decided, {sum(r['wrong'] for r in rows)} wrong "
+          f"({sum(r['wrong'] and r['z'] > 3 for r in rows)} at z > 3); repeats within 2 SE: "
+          f"{np.mean(agree_all) if agree_all else float('nan'):.3f} of {len(agree_all)}")
+    for r in rows:
+        if r["wrong"] or r["not_decided"]:
+            print(f"- {key(r)}: {r['verdict']}")
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    parser.add_argument("--subjects", type=int, default=150)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--grid-seeds", type=int, nargs="*", default=[0])
-    parser.add_argument("--grid-subjects", type=int, default=150)
-    parser.add_argument("--grid-particles", type=int, default=16)
-    parser.add_argument("--skip-graph", action="store_true")
-    parser.add_argument("--out", default="/tmp/bench_comparison.json")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    results = {"graph": [], "grid": []}
-    if not args.skip_graph:
-        for seed in args.seeds:
-            results["graph"].append(graph_seed(seed, args.subjects, args.epochs))
-            with open(args.out, "w") as fh:
-                json.dump(results, fh, indent=1, default=float)
-    for seed in args.grid_seeds:
-        results["grid"].append(grid_seed(seed, args.grid_subjects, args.grid_particles, 1))
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1, default=float)
-    print(f"wrote {args.out}")
+    parser.add_argument("--benchmark", nargs="+", choices=sorted(SETTINGS), default=["graph"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300])
+    parser.add_argument("--noise", type=float, nargs="+", default=[0.02, 0.05])
+    parser.add_argument("--priors", nargs="+", choices=("matched", "default"), default=["matched", "default"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--draws", type=int, default=200)
+    parser.add_argument("--shard", default="0/1", help="I/N: run every N-th setting starting at I")
+    parser.add_argument("--json", help="append one JSON line per setting (settings already there are skipped)")
+    parser.add_argument("--summary", metavar="JSONL", help="print the summary tables of a results file and exit")
+    args = parser.parse_args(argv)
+    if args.summary:
+        summary(args.summary)
+        return 0
+    done = set()
+    if args.json and Path(args.json).exists():
+        done = {key(json.loads(line)) for line in open(args.json)}
+    index, count = (int(v) for v in args.shard.split("/"))
+    todo = [c for i, c in enumerate(configs(args)) if i % count == index and key(c) not in done]
+    print(f"{len(todo)} settings to run", flush=True)
+    for cfg in todo:
+        res = run_one(cfg, args.repeats, args.folds, args.draws)
+        line = json.dumps(res, default=float)
+        print(json.dumps({k: res[k] for k in ("benchmark", "data", "subjects", "noise", "prior", "seed", "first",
+                                                "decided", "z", "fit_seconds", "compare_seconds")}), flush=True)
+        if args.json:
+            with open(args.json, "a") as fh:
+                fh.write(line + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -97,24 +97,17 @@ def model_evidence(module: MixturePDE, data: CohortTensors, method: str = "quadr
                          unconverged)
 
 
-def fit_population(module: MixturePDE, data: CohortTensors, rounds: int = 2) -> None:
+def fit_population(module: MixturePDE, data: CohortTensors, rounds: int = 2):
     """Fit ``module``'s population priors and weights to ``data`` by EM, in place: each round a
-    global mode search under the current priors (at the pooled least-squares noise), then EM on
-    its Laplace approximations. For a sub-model, whose populations can lie far from those of the
-    model it came from (its mechanisms must now explain every subject)."""
-    from .laplace import pooled_residual_variance
-    from .particles import DTYPE, observation_sd
+    global mode search under the current priors (``particles.searched_modes``), then EM on its
+    Laplace approximations. For a sub-model, whose populations can lie far from those of the
+    model it came from (its mechanisms must now explain every subject). Returns the last
+    round's search under the final priors, (fit, noise sd)."""
+    from .particles import searched_modes
     from .population import Population, em_population
-    from .search import search_modes
 
-    data = data.to(data.signal.device, DTYPE)
-    sd = observation_sd(module.priors.noise_median)
+    fit, sd = searched_modes(module, data)
     for _ in range(rounds):
-        fit = search_modes(module, data, sd, tolerance=1e-3)
-        pooled = pooled_residual_variance(fit.sse, fit.n_obs)
-        if pooled is not None and abs(pooled ** 0.5 - sd) > 0.05 * sd:
-            sd = max(pooled, 1e-12) ** 0.5
-            fit = search_modes(module, data, sd, start=_modes(fit), grid=False, tolerance=1e-3)
         current = Population(module.population_loc.double(), module.population_scale.double())
         pop, weights, resp, _ = em_population(fit.mean, fit.jtj, sd ** 2, fit.log_evidence, current, module.priors,
                                               fit.has_rate, n_iter=50)
@@ -123,12 +116,8 @@ def fit_population(module: MixturePDE, data: CohortTensors, rounds: int = 2) -> 
             module.population_scale.copy_(pop.scale.to(module.population_scale))
             module.weights_log_concentration.copy_(torch.log(module.priors.weights_concentration + resp.sum(0)).to(
                 module.weights_log_concentration))
-
-
-def _modes(fit):
-    from .encoding import GuideSummary
-
-    return GuideSummary(fit.mean[..., 0], fit.mean[..., 0], fit.mean[..., 1], fit.mean[..., 1])
+        fit, sd = searched_modes(module, data)
+    return fit, sd
 
 
 def submodel_evidence(module: MixturePDE, data: CohortTensors, subset: tuple[int, ...], n_draws: int = 200,
@@ -144,9 +133,8 @@ def submodel_evidence(module: MixturePDE, data: CohortTensors, subset: tuple[int
     if stats is not None and not bool(module.population_learned):
         return iwae_log_evidence(stats, laplace_globals(stats, module, n_draws, seed, subset), subset)
     sub = module.submodel(subset)
-    if bool(sub.population_learned):
-        fit_population(sub, data)
-    sub_stats = quadrature_stats(sub, data)
+    searched = fit_population(sub, data) if bool(sub.population_learned) else None
+    sub_stats = quadrature_stats(sub, data, searched=searched)
     return iwae_log_evidence(sub_stats, laplace_globals(sub_stats, sub, n_draws, seed))
 
 

@@ -262,15 +262,11 @@ def particle_stats(module: MixturePDE, data: CohortTensors, n_particles: int = 3
     return stats
 
 
-def quadrature_stats(module: MixturePDE, data: CohortTensors, tolerance: float = DEFAULT_TOLERANCE,
-                     start: GuideSummary | None = None, grid_size: int = 7) -> ParticleStats:
-    """Gauss-Hermite nodes of every (subject, component) integral as weighted points.
-
-    The modes come from ``search.search_modes`` (a grid over the prior's support, then
-    Levenberg-Marquardt to convergence; ``start``, e.g. the encoder's guess, is one more
-    candidate), at the pooled least-squares noise of the modes; the nodes and their error from
-    ``quadrature.quadrature_nodes`` (orders 5, 7, ... until two agree within ``tolerance``).
-    """
+def searched_modes(module: MixturePDE, data: CohortTensors, start: GuideSummary | None = None,
+                   grid_size: int = 7):
+    """Every (subject, component) posterior mode by ``search.search_modes`` (a grid over the prior's
+    support, then Levenberg-Marquardt to convergence; ``start``, e.g. the encoder's guess, is one
+    more candidate), at the pooled least-squares noise of the modes. Returns (fit, noise sd)."""
     data = data.to(data.signal.device, DTYPE)
     sd = observation_sd(module.priors.noise_median)
     fit = search_modes(module, data, sd, grid_size=grid_size, start=start, tolerance=1e-3)
@@ -279,6 +275,19 @@ def quadrature_stats(module: MixturePDE, data: CohortTensors, tolerance: float =
         sd = max(pooled, NOISE_FLOOR ** 2) ** 0.5
         fit = search_modes(module, data, sd, start=GuideSummary(fit.mean[..., 0], fit.mean[..., 0], fit.mean[..., 1],
                                                                   fit.mean[..., 1]), grid=False, tolerance=1e-3)
+    return fit, sd
+
+
+def quadrature_stats(module: MixturePDE, data: CohortTensors, tolerance: float = DEFAULT_TOLERANCE,
+                     start: GuideSummary | None = None, grid_size: int = 7, searched=None) -> ParticleStats:
+    """Gauss-Hermite nodes of every (subject, component) integral as weighted points.
+
+    The nodes are centred at the modes of ``searched_modes`` (or ``searched``: its result under
+    the module's current priors, if already computed), and they and their error come from
+    ``quadrature.quadrature_nodes`` (orders 5, 7, ... until two agree within ``tolerance``).
+    """
+    data = data.to(data.signal.device, DTYPE)
+    fit, sd = searched if searched is not None else searched_modes(module, data, start, grid_size)
     nodes = quadrature_nodes(module, data, fit, sd, tolerance=tolerance)
     p = nodes.sse.shape[0]
     has_rate = fit.has_rate.to(nodes.a.device)

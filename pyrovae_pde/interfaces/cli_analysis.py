@@ -54,7 +54,7 @@ def plot_comparison(table, path) -> Path:
         ax.axvline(0.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("symlog", linthresh=10.0)  # close models and far-off baselines on one axis
         for xi, yi in zip(diff, y):
-            ax.annotate(f"{xi:.1f}", (xi, yi), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+            ax.annotate(f"{xi + 0.0:.1f}", (xi, yi), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
         ax.set_xlabel(f"minus the best model's (nats, symlog; bars: 2 SE)")
         ax.set_title(title)
     axes[0].set_yticks(y)
