@@ -37,9 +37,11 @@ SETTINGS = {
 }
 
 
-def run(cmd: list[str], env: dict) -> tuple[int, float, str]:
+def run(cmd: list[str], env: dict, cwd: Path) -> tuple[int, float, str]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # in the work directory: `python -m` puts the current directory first on sys.path, and the
+    # baseline's PYTHONPATH must win over a checkout there
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
     tail = (proc.stdout + proc.stderr).strip().splitlines()
     return proc.returncode, time.perf_counter() - start, "\n".join(tail[-6:])
 
@@ -58,7 +60,8 @@ def one(benchmark: str, seed: int, n: int, n_test: int, workdir: Path, python: s
         env["PYTHONPATH"] = pythonpath
     run_dir, post = workdir / f"run_{label}_{seed}", workdir / f"post_{label}_{seed}.nc"
     rc, fit_s, fit_tail = run([python, "-m", "pyrovae_pde", "fit", str(train_path), "--components",
-                               ",".join(s["components"]), "--out", str(run_dir), "--seed", str(seed), *extra], env)
+                               ",".join(s["components"]), "--out", str(run_dir), "--seed", str(seed), *extra], env,
+                              workdir)
     out = {"benchmark": benchmark, "seed": seed, "label": label, "fit_rc": rc, "fit_seconds": round(fit_s, 1)}
     if rc != 0:
         out["fit_error"] = fit_tail
@@ -68,7 +71,7 @@ def one(benchmark: str, seed: int, n: int, n_test: int, workdir: Path, python: s
     out.update(converged=conv.get("converged"), epochs=conv.get("epochs_run", len(config["history"]["history"])),
                stop_reason=conv.get("stop_reason"), rollbacks=conv.get("rollbacks"))
     rc, pred_s, pred_tail = run([python, "-m", "pyrovae_pde", "predict", str(run_dir), str(test_path), "--out",
-                                 str(post)], env)
+                                 str(post)], env, workdir)
     out.update(predict_rc=rc, predict_seconds=round(pred_s, 1))
     if rc != 0:
         out["predict_error"] = pred_tail
@@ -94,17 +97,30 @@ def main(argv=None) -> int:
     parser.add_argument("--test-subjects", type=int, default=1000)
     parser.add_argument("--baseline", help="another checkout of the package to run side by side")
     parser.add_argument("--baseline-args", default="--epochs 12")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:ARGS",
+                        help="also run the current code with extra fit arguments, e.g. 'fixed:--population-prior fixed'")
     parser.add_argument("--workdir", help="keep cohorts and runs here (default: a temporary directory)")
     parser.add_argument("--json", help="append one JSON line per run here")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="pyrovae_bench_training_"))
     workdir.mkdir(parents=True, exist_ok=True)
     results = []
+    done = {}
+    if args.json and Path(args.json).exists():  # runs already recorded are not repeated
+        for line in open(args.json):
+            r = json.loads(line)
+            done[(r["benchmark"], r["seed"], r["label"])] = r
     for seed in args.seeds:
         runs = [("current", None, [])]
         if args.baseline:
             runs.append(("baseline", str(Path(args.baseline).resolve()), args.baseline_args.split()))
+        for variant in args.variant:
+            label, _, extra = variant.partition(":")
+            runs.append((label, None, extra.split()))
         for label, path, extra in runs:
+            if (args.benchmark, seed, label) in done:
+                results.append(done[(args.benchmark, seed, label)])
+                continue
             res = one(args.benchmark, seed, args.subjects, args.test_subjects, workdir, sys.executable, path, extra,
                       label)
             results.append(res)

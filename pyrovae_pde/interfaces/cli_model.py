@@ -38,6 +38,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"learning rate of the mixture weights and noise (default {TrainConfig.learning_rate})")
     p.add_argument("--restarts", type=int, default=1,
                    help="fit this many times from different seeds and keep the best validation ELBO (default 1)")
+    p.add_argument("--population-prior", choices=("learned", "fixed"), default="learned",
+                   help="learned (default): each mechanism's population of D and r is learned from the cohort "
+                        "under the base priors; fixed: the base priors themselves")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--prior", action="append", metavar="NAME=LO,HI",
@@ -57,7 +60,8 @@ def fit_model(ds, components, args, out: Path | None, source: str):
     model = SubtypeModel(components, priors=_priors(args.prior))
     model.fit(ds, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
               device=args.device, checkpoint_dir=out, resume=getattr(args, "resume", False), source=source,
-              restarts=args.restarts, progress=_progress())
+              restarts=args.restarts, progress=_progress(),
+              learn_population=getattr(args, "population_prior", "learned") == "learned")
     if out is not None:
         model.save(out)
     return model
