@@ -19,12 +19,10 @@ import jsonschema
 import numpy as np
 import xarray as xr
 
+from ..errors import ContractError, ExistingPathError
+
 SCHEMA_VERSION = "1"
 IN_MEMORY = "<in-memory dataset>"
-
-
-class ContractError(ValueError):
-    """A cohort file or dataset breaks the data contract; the message names what and where."""
 
 
 @lru_cache(maxsize=None)
@@ -244,7 +242,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
     if path.is_dir():
         # os.replace would fail only after the whole write, with an OSError the CLI does not expect.
-        raise FileExistsError(f"{path} is a directory; give the path of a file to write")
+        raise ExistingPathError(f"{path} is a directory; give the path of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

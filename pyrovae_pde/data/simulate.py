@@ -16,15 +16,13 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..errors import SimulationError
+
 from ..physics import Domain, GraphDomain, GridDomain, get_reaction, solve_active
 from .contract import SCHEMA_VERSION
 
 PAPER_COMPONENTS = ("fisher_kpp", "saturating", "zeldovich")
 GRAPH_COMPONENTS = ("diffusion", "fisher_kpp")
-
-
-class SimulationError(ValueError):
-    """Invalid simulation settings."""
 
 
 @dataclass(frozen=True)

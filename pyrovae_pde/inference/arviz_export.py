@@ -29,6 +29,7 @@ import xarray as xr
 
 from .evidence import ModelEvidence, model_evidence
 from .particles import observation_sd
+from ..errors import InputError
 
 
 def arviz_major() -> int:
@@ -62,7 +63,7 @@ def replicate_signal(evidence: ModelEvidence, data, posterior, seed: int = 0) ->
     """Posterior predictive replicates (G, N, T, n) on active nodes from kept particle fields."""
     stats = evidence.stats
     if stats.fields is None:
-        raise ValueError("the particle fields were not kept: compute the evidence with keep_fields=True")
+        raise InputError("the particle fields were not kept: compute the evidence with keep_fields=True")
     g, n = posterior.subtype.shape
     subj = torch.arange(n)[None, :].expand(g, n)
     k = posterior.subtype

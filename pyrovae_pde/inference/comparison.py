@@ -12,7 +12,7 @@ with other seeds) and reports
   both with SEs of their differences paired over subjects;
 * whether every fit converged. A model whose fits did not converge, or whose evidence disagrees
   with a larger model's subset evidence for the same mechanisms (a fitting failure on one side),
-  is flagged and not ranked.
+  is flagged and not ranked, and so is one whose evidence is not finite.
 
 The verdict ranks the remaining models by log evidence: the best, or "not decided" when the top
 two lie within 2 combined SE.
@@ -31,6 +31,7 @@ from ..data.cohort import CohortTensors
 from ..model.module import MixturePDE
 from .evidence import ModelEvidence, model_evidence, subset_evidence
 from .marginal import cross_validated_lpd
+from ..errors import InputError
 
 PARETO_K_MAX = 0.7
 DECISION_Z = 2.0  # the top two models must differ by this many combined SE for a verdict
@@ -103,7 +104,7 @@ def compare_models(runs: dict[str, list[FittedRun]], n_draws: int = 200, seed: i
     each fit's ELBO (0: not computed).
     """
     if not runs:
-        raise ValueError("give at least one model to compare")
+        raise InputError("give at least one model to compare")
     evidences, rows, pointwise = {}, {}, {}
     for name, fits in runs.items():
         evs = [model_evidence(f.module, f.data, n_draws=n_draws, seed=seed, elbo_repeats=elbo_draws) for f in fits]
@@ -133,7 +134,11 @@ def compare_models(runs: dict[str, list[FittedRun]], n_draws: int = 200, seed: i
                                             full=evidences[name][0])
     _check_consistency(runs, subsets, rows, notes)
     for name, row in rows.items():
-        if not row["converged"]:
+        if not (math.isfinite(row["log_evidence"]) and math.isfinite(row["log_evidence_se"])):
+            row["status"] = "evidence failed"
+            notes.append(f"{name}: not ranked: its log evidence is not finite (a numerical failure of the estimator; "
+                         "please report it with the cohort)")
+        elif not row["converged"]:
             row["status"] = "not converged"
             notes.append(f"{name}: not ranked: its fit did not converge (see its warning; refit with a larger --epochs "
                          "or --restarts)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 from scipy.stats import spearmanr
+from ..errors import InputError
 
 
 def recovery_metrics(posterior: xr.Dataset, truth: xr.Dataset) -> dict[str, float]:
@@ -11,7 +12,7 @@ def recovery_metrics(posterior: xr.Dataset, truth: xr.Dataset) -> dict[str, floa
     component, 90%-interval coverage of D, mean top subtype probability, and the largest error
     of the mixture weights against the empirical subtype frequencies."""
     if "true_subtype" not in truth:
-        raise ValueError("the dataset has no ground truth (true_subtype); metrics need simulated data")
+        raise InputError("the dataset has no ground truth (true_subtype); metrics need simulated data")
     names = [str(s) for s in posterior["subtype"].values]
     true = np.array([str(s) for s in truth["true_subtype"].values])
     unknown = sorted(set(true) - set(names))

@@ -22,6 +22,7 @@ from .marginal import (EvidenceEstimate, GlobalDraws, PosteriorDraws, iwae_log_e
                        sample_posterior)
 from .particles import ParticleStats, particle_stats, quadrature_stats
 from .quadrature import DEFAULT_TOLERANCE
+from ..errors import InputError
 
 METHODS = ("quadrature", "importance")
 
@@ -80,7 +81,7 @@ def model_evidence(module: MixturePDE, data: CohortTensors, method: str = "quadr
     ``keep_fields`` keeps their solutions for predictive draws).
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
     if method == "quadrature":
         with torch.no_grad():
             guide = encode_cohort(module, data.to(data.signal.device, next(module.parameters()).dtype))

@@ -22,6 +22,7 @@ import xarray as xr
 from ..physics import solve_active
 from .evidence import model_evidence
 from .particles import DTYPE, observation_sd
+from ..errors import ModelError
 
 QUANTILES = (0.05, 0.5, 0.95)
 
@@ -57,7 +58,6 @@ def forecast(model, ds: xr.Dataset, times, n_draws: int = 200, n_particles: int 
     (mixed over the subtype posterior), ``mean_by_subtype``, ``q05_by_subtype``, ``q95_by_subtype``,
     ``subtype_prob`` (subject, subtype) and ``forecast_time`` (subject, time).
     """
-    from ..interfaces.api import ModelError
 
     module = model._require_fitted()
     if subjects is not None:

@@ -183,9 +183,14 @@ def laplace_globals(stats: ParticleStats, module: MixturePDE, n_draws: int = 200
     res = minimize(neg, space.start(noise0), jac=True, method="L-BFGS-B")
     mode = torch.tensor(res.x, dtype=DTYPE)
     hess = torch.autograd.functional.hessian(lambda u: -space.log_joint(stats, u[None])[0][0], mode)
-    hess = 0.5 * (hess + hess.T)
-    evals, evecs = torch.linalg.eigh(hess)
-    evals = evals.clamp_min(1e-6)  # guard a flat or numerically indefinite direction
+    evals, evecs = torch.linalg.eigh(0.5 * (hess + hess.T))
+    # A direction that the data leave flat or non-concave at the optimiser's end point (e.g. the
+    # weight and population of a component no subject uses) gets no less curvature than the prior
+    # has in its flattest direction: the proposal is then never wider than the prior there, and the
+    # importance weights of the IWAE estimate correct for the approximation.
+    prior_hess = torch.autograd.functional.hessian(lambda u: -space.unpack(u[None])[3][0], mode)
+    floor = float(torch.linalg.eigvalsh(0.5 * (prior_hess + prior_hess.T)).min().clamp_min(1e-6))
+    evals = evals.clamp_min(floor)
     cov = evecs @ torch.diag(1.0 / evals) @ evecs.T
     q = dist.MultivariateNormal(mode, covariance_matrix=cov)
     generator = torch.Generator().manual_seed(seed + 7907)

@@ -32,6 +32,7 @@ from .encoding import GuideSummary, encode_cohort
 from .laplace import LOG_2PI, laplace_fit, pooled_residual_variance
 from .quadrature import DEFAULT_TOLERANCE, log_prior, node_sse, quadrature_nodes
 from .search import search_modes
+from ..errors import InputError
 
 DTYPE = torch.float64
 
@@ -238,10 +239,10 @@ def particle_stats(module: MixturePDE, data: CohortTensors, n_particles: int = 3
     keeps every particle's solution (float32) for posterior predictive draws.
     """
     if n_particles < 1:
-        raise ValueError(f"n_particles must be >= 1, got {n_particles}")
+        raise InputError(f"n_particles must be >= 1, got {n_particles}")
     if isinstance(proposal, str):
         if proposal not in ("laplace", "guide"):
-            raise ValueError(f"proposal must be 'laplace' or 'guide', got {proposal!r}")
+            raise InputError(f"proposal must be 'laplace' or 'guide', got {proposal!r}")
         kind = proposal
         proposal = laplace_proposal(module, data) if proposal == "laplace" else guide_proposal(module, data)
     else:

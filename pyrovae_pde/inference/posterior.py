@@ -25,6 +25,7 @@ from .marginal import component_log_evidence
 from .prior_check import prior_conflict
 from .encoding import GuideSummary, encode_cohort, global_means  # noqa: F401 (re-exported)
 from .laplace import laplace_fit, pooled_residual_variance
+from ..errors import InputError
 
 Z90 = 1.6448536269514722  # standard-normal quantile of 0.95
 # Refined posteriors on domains this small (region graphs, coarse atlases) are importance-sampled
@@ -97,7 +98,7 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
         small = module.domain.n_nodes <= SMALL_DOMAIN_NODES
         n_particles = (SMALL_DOMAIN_PARTICLES if small else 0) if refine else 8
     if n_particles < (0 if refine else 1):
-        raise ValueError(f"n_particles must be >= {0 if refine else 1}, got {n_particles}")
+        raise InputError(f"n_particles must be >= {0 if refine else 1}, got {n_particles}")
     weights, noise = (t.cpu() for t in global_means(module))  # the per-subject work may run on CUDA
     summaries = None
     guide = encode_cohort(module, data.to(data.signal.device, next(module.parameters()).dtype))

@@ -32,6 +32,7 @@ import torch
 from ..data.cohort import CohortTensors
 from ..model.module import MixturePDE
 from .laplace import LOG_2PI, LaplaceFit
+from ..errors import InputError
 
 DTYPE = torch.float64
 ORDERS = (5, 7, 9, 11, 13)
@@ -148,7 +149,7 @@ def quadrature_nodes(module: MixturePDE, data: CohortTensors, fit: LaplaceFit, n
     next order, up to the last one. Returns the final order's nodes and the error estimates.
     """
     if len(orders) < 2:
-        raise ValueError("adaptive quadrature needs at least two orders")
+        raise InputError("adaptive quadrature needs at least two orders")
     n, k = fit.mean.shape[:2]
     device = data.signal.device
     has_rate = fit.has_rate.to(device)

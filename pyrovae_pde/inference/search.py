@@ -30,6 +30,7 @@ from ..data.cohort import CohortTensors
 from ..model.module import MixturePDE
 from .encoding import GuideSummary
 from .laplace import LaplaceFit, _hessian, _inverse, _residuals, laplace_evidence
+from ..errors import InputError
 
 # log of the factor on a subject's largest rate that sets the solver's step counts during the
 # search: finite differences and trial points must share the discretisation of their base point.
@@ -129,7 +130,7 @@ def search_modes(module: MixturePDE, data: CohortTensors, noise_sd: float, grid_
         a0, b0, obj0 = grid_candidates(module, data, noise_sd, grid_size, span)
     else:
         if start is None:
-            raise ValueError("search_modes(grid=False) needs a start")
+            raise InputError("search_modes(grid=False) needs a start")
         a0, b0, obj0 = start.d_loc.float(), torch.nan_to_num(start.r_loc.float()), None
     if start is not None and grid:  # the encoder's (or an earlier) guess competes with the grid
         sa_, sb_ = start.d_loc.float(), torch.where(has_rate, torch.nan_to_num(start.r_loc.float()), 0.0)

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from ..data.cohort import CohortTensors
 from ..model.module import MAX_PLATE_NESTING, NOISE_FLOOR, MixturePDE, RefinedPosterior
+from ..errors import InputError, MissingFileError, TrainingDivergedError
 from .encoding import GuideSummary, encode_cohort
 from .laplace import LaplaceFit, laplace_evidence, laplace_fit, pooled_residual_variance
 from .population import Population, em_population
@@ -63,11 +64,6 @@ from .search import search_modes
 
 CHECKPOINT_NAME = "checkpoint.pt"
 GUIDES = ("semi-amortized", "amortized")
-
-
-class TrainingDivergedError(RuntimeError):
-    """Training could not recover from non-finite values or a collapsing ELBO; the last good
-    state was kept."""
 
 
 @dataclass
@@ -102,12 +98,12 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.guide not in GUIDES:
-            raise ValueError(f"guide must be one of {GUIDES}, got {self.guide!r}")
+            raise InputError(f"guide must be one of {GUIDES}, got {self.guide!r}")
         for name in ("epochs", "batch_size", "restarts", "plateau_window"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0 or not self.encoder_learning_rate > 0:
-            raise ValueError("learning rates must be > 0")
+            raise InputError("learning rates must be > 0")
 
 
 @dataclass
@@ -483,7 +479,7 @@ def train(module: MixturePDE, data: CohortTensors, config: TrainConfig = TrainCo
     payload = None
     if resume:
         if checkpoint is None or not checkpoint.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
+            raise MissingFileError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
         payload = torch.load(checkpoint, map_location=device, weights_only=False)
         if "wake_optimizer" not in payload:
             raise TrainingDivergedError(f"{checkpoint} was written by an older version of pyrovae_pde "

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..errors import ModelError
 from .. import __version__
 from ..data import ContractError, atomic_write, validate_dataset
 from ..data.cohort import CohortTensors, cohort_tensors, domain_from_dataset
@@ -25,10 +26,6 @@ from ..physics.solvers import DEFAULT_INITIAL_REACTION_STEP, DEFAULT_REACTION_ST
 RESTART_SPREAD_WARNING = 1.0  # nats per subject between the best and worst restart's validation ELBO
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model.json"
-
-
-class ModelError(ValueError):
-    """The model cannot be used this way (not fitted, other domain, unknown device...)."""
 
 
 def resolve_device(device: str) -> torch.device:

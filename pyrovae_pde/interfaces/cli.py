@@ -1,7 +1,8 @@
 """Command line: ``pyrovae-pde SUBCOMMAND ...`` (also ``python -m pyrovae_pde``).
 
 Each subcommand lives in a module with ``register(subparsers)``; errors users can fix
-(bad files, bad arguments) are printed as one line and exit with status 2.
+(bad files, bad arguments: every :class:`~pyrovae_pde.errors.PyrovaePDEError`) are printed as one
+line and exit with status 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import argparse
 import importlib
 import sys
 from typing import Sequence
+
+from ..errors import PyrovaePDEError
 
 # Modules contributing subcommands, in the order they appear in --help.
 SUBCOMMAND_MODULES = (
@@ -19,20 +22,9 @@ SUBCOMMAND_MODULES = (
 )
 
 
-class UserError(Exception):
-    """An error caused by input or arguments; shown as one line without a traceback."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from ..data import ContractError, SimulationError
-    from ..data.imaging import ImagingError
-    from ..physics import DomainError, SolverInputError
-    from .api import ModelError
-    from ..inference.train import TrainingDivergedError
-
-    return (UserError, ContractError, SimulationError, DomainError, SolverInputError, KeyError, ModelError,
-            TrainingDivergedError,
-            FileNotFoundError, FileExistsError, ImagingError)
+# A file that is missing, a directory where a file is expected, no permission: the user's to fix,
+# even when raised by the standard library rather than by the package.
+_OS_USER_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,8 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         result = args.handler(args)
-    except _user_error_types() as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    except (PyrovaePDEError, *_OS_USER_ERRORS) as exc:
+        message = str(exc)
         print(f"pyrovae-pde {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,8 +6,9 @@ import time
 import warnings
 from pathlib import Path
 
-from .cli import UserError
+from ..errors import UserError
 from .cli_model import _components, add_run_arguments, add_training_arguments, fit_model, warn_if_unconverged
+from ..errors import ExistingPathError
 
 
 def _run_name(components) -> str:
@@ -117,7 +118,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; give a directory")
+        raise ExistingPathError(f"--out {out} is a file; give a directory")
     runs: dict[str, list] = {}
     source = str(args.data)
     for run in args.runs or []:  # runs with the same mechanisms are repeats of one model
@@ -176,7 +177,7 @@ def cmd_ppc(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; give a directory")
+        raise ExistingPathError(f"--out {out} is a file; give a directory")
     start = time.perf_counter()
     result = posterior_predictive_check(model, ds, n_draws=args.draws, n_particles=args.particles, seed=args.seed,
                                         threshold=args.threshold, source=str(args.data))

@@ -5,7 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .cli import UserError
+from ..errors import UserError
 
 
 def _components(text: str) -> list[str]:

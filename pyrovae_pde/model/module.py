@@ -32,6 +32,7 @@ from ..physics import Domain, get_reaction, solve_active
 from ..physics.solvers import DEFAULT_INITIAL_REACTION_STEP, DEFAULT_REACTION_STEP
 from .encoders import GraphEncoder, GridEncoder, PosteriorHead
 from .priors import Priors
+from ..errors import InputError
 
 SUBJECT_DIM = -1
 COMPONENT_DIM = -2
@@ -73,9 +74,9 @@ class MixturePDE(nn.Module):
                  encoder_width: int = 16, initial_reaction_step: float = DEFAULT_INITIAL_REACTION_STEP):
         super().__init__()
         if len(components) == 0:
-            raise ValueError("a model needs at least one component")
+            raise InputError("a model needs at least one component")
         if len(set(components)) != len(components):
-            raise ValueError(f"components must be distinct, got {list(components)}")
+            raise InputError(f"components must be distinct, got {list(components)}")
         self.domain = domain
         self.components = tuple(components)
         self.terms = [get_reaction(name) for name in self.components]  # unknown names fail here

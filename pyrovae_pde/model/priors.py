@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from ..errors import InputError
 
 Z95 = 1.959963984540054  # standard-normal quantile of 0.975
 
@@ -16,7 +17,7 @@ class LogNormalPrior:
 
     def __post_init__(self):
         if not (0 < self.low < self.high) or not math.isfinite(self.high):
-            raise ValueError(f"a prior interval needs 0 < LO < HI, got LO={self.low}, HI={self.high}")
+            raise InputError(f"a prior interval needs 0 < LO < HI, got LO={self.low}, HI={self.high}")
 
     @property
     def loc(self) -> float:
@@ -90,9 +91,9 @@ def parse_prior_option(text: str) -> tuple[str, LogNormalPrior]:
     name, _, rest = text.partition("=")
     name = name.strip()
     if name not in ("diffusivity", "reaction"):
-        raise ValueError(f"--prior {text!r}: name must be 'diffusivity' or 'reaction'")
+        raise InputError(f"--prior {text!r}: name must be 'diffusivity' or 'reaction'")
     try:
         low, high = (float(v) for v in rest.split(","))
     except ValueError:
-        raise ValueError(f"--prior {text!r}: expected {name}=LO,HI with two numbers") from None
+        raise InputError(f"--prior {text!r}: expected {name}=LO,HI with two numbers") from None
     return name, LogNormalPrior(low, high)

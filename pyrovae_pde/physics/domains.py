@@ -15,12 +15,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ..errors import DomainError
+
 
 SPECTRAL_RANGE_DENSE = 3000  # nodes up to which spectral_range uses dense eigenvalues
-
-
-class DomainError(ValueError):
-    """A domain description is invalid (mask, spacing or adjacency)."""
 
 
 @dataclass(eq=False)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from ..errors import InputError, UnknownNameError
 
 Flow = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -98,9 +99,9 @@ _REGISTRY: dict[str, ReactionTerm] = {}
 def register_reaction(term: ReactionTerm, overwrite: bool = False) -> ReactionTerm:
     """Add a reaction term to the registry so components can name it."""
     if not term.name.isidentifier():
-        raise ValueError(f"reaction name {term.name!r} must be an identifier (letters, digits, _)")
+        raise InputError(f"reaction name {term.name!r} must be an identifier (letters, digits, _)")
     if term.name in _REGISTRY and not overwrite:
-        raise ValueError(f"reaction {term.name!r} is already registered; pass overwrite=True to replace it")
+        raise InputError(f"reaction {term.name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[term.name] = term
     return term
 
@@ -110,7 +111,7 @@ def get_reaction(name: str) -> ReactionTerm:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(
+        raise UnknownNameError(
             f"unknown reaction term {name!r}; registered terms are: {', '.join(sorted(_REGISTRY))} "
             "(add your own with pyrovae_pde.physics.register_reaction)"
         ) from None

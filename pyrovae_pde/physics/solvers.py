@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import SolverInputError
 from .domains import Domain
 from .reactions import ReactionTerm, get_reaction
 
@@ -29,10 +30,6 @@ SPECTRAL_MAX_NODES = 6000
 DEFAULT_REACTION_STEP = 0.9  # largest r*dt of a Strang step after the first visit interval
 DEFAULT_INITIAL_REACTION_STEP = 0.2  # ... and within the first interval (rough initial data)
 DEFAULT_MAX_SUBSTEP = 0.9  # largest RK4 substep of reaction terms without an exact flow
-
-
-class SolverInputError(ValueError):
-    """Arguments of ``solve`` have inconsistent shapes or invalid values."""
 
 
 def _resolve_reactions(reactions: Sequence[str | ReactionTerm]) -> list[ReactionTerm]:
