@@ -183,15 +183,16 @@ def laplace_globals(stats: ParticleStats, module: MixturePDE, n_draws: int = 200
     res = minimize(neg, space.start(noise0), jac=True, method="L-BFGS-B")
     mode = torch.tensor(res.x, dtype=DTYPE)
     hess = torch.autograd.functional.hessian(lambda u: -space.log_joint(stats, u[None])[0][0], mode)
-    evals, evecs = torch.linalg.eigh(0.5 * (hess + hess.T))
-    # A direction that the data leave flat or non-concave at the optimiser's end point (e.g. the
-    # weight and population of a component no subject uses) gets no less curvature than the prior
-    # has in its flattest direction: the proposal is then never wider than the prior there, and the
-    # importance weights of the IWAE estimate correct for the approximation.
+    # The data can only add precision to the prior's: where the likelihood's part of the Hessian is
+    # flat or non-concave at the optimiser's end point (e.g. the weight and population of a component
+    # no subject uses), the proposal keeps the prior's precision there; the importance weights of the
+    # IWAE estimate correct for the approximation.
     prior_hess = torch.autograd.functional.hessian(lambda u: -space.unpack(u[None])[3][0], mode)
-    floor = float(torch.linalg.eigvalsh(0.5 * (prior_hess + prior_hess.T)).min().clamp_min(1e-6))
-    evals = evals.clamp_min(floor)
-    cov = evecs @ torch.diag(1.0 / evals) @ evecs.T
+    prior_hess = 0.5 * (prior_hess + prior_hess.T)
+    data_evals, data_evecs = torch.linalg.eigh(0.5 * (hess + hess.T) - prior_hess)
+    precision = prior_hess + data_evecs @ torch.diag(data_evals.clamp_min(0.0)) @ data_evecs.T
+    evals, evecs = torch.linalg.eigh(precision)
+    cov = evecs @ torch.diag(1.0 / evals.clamp_min(1e-6)) @ evecs.T
     q = dist.MultivariateNormal(mode, covariance_matrix=cov)
     generator = torch.Generator().manual_seed(seed + 7907)
     chol = torch.linalg.cholesky(cov)
