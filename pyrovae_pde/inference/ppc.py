@@ -162,9 +162,6 @@ def posterior_predictive_check(model, ds: xr.Dataset, n_draws: int = 200, n_part
 def plot_ppc_figures(result: PPCResult, out_dir: str | os.PathLike, num_pp_samples: int = 100) -> list[Path]:
     """One PNG per statistic (``ppc_<statistic>.png``), a panel per visit, drawn by ``az.plot_ppc``."""
     import arviz as az
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from ..data.contract import atomic_write

@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    import matplotlib
+
+    matplotlib.use("Agg")  # the command line writes figures to files; only it chooses a backend
     try:
         result = args.handler(args)
     except (PyrovaePDEError, *_OS_USER_ERRORS) as exc:

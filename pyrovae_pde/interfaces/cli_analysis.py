@@ -6,9 +6,8 @@ import time
 import warnings
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import ExistingPathError, UserError
 from .cli_model import _components, add_run_arguments, add_training_arguments, fit_model, warn_if_unconverged
-from ..errors import ExistingPathError
 
 
 def _run_name(components) -> str:
@@ -26,45 +25,6 @@ def _check_counts(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be >= 1, got {value}")
-
-
-def plot_comparison(table, path) -> Path:
-    """Differences from the best model in log evidence, elpd_loo and cross-validated lpd, with 2-SE
-    bars; models that are not ranked (not converged, inconsistent) are drawn hollow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from ..data.contract import atomic_write
-
-    names = [f"{m}{'' if s == 'ranked' else f' ({s})'}" for m, s in zip(table["model"], table["status"])]
-    ranked = (table["status"] == "ranked").to_numpy()
-    y = np.arange(len(names))[::-1]
-    panels = (("log_evidence_diff", "log_evidence_diff_se", "log evidence"), ("elpd_loo_diff", "elpd_loo_diff_se",
-              "elpd_loo (PSIS)"), ("elpd_cv_diff", "elpd_cv_diff_se", "elpd (K-fold CV)"))
-    fig, axes = plt.subplots(1, 3, figsize=(14, 0.6 * len(names) + 1.8), sharey=True)
-    for ax, (value, se, title) in zip(axes, panels):
-        diff = -table[value].to_numpy(dtype=float)
-        err = 2 * np.nan_to_num(table[se].to_numpy(dtype=float))
-        for filled in (True, False):
-            sel = ranked == filled
-            ax.errorbar(diff[sel], y[sel], xerr=err[sel], fmt="o", capsize=4, mfc=None if filled else "white",
-                        color="C0" if filled else "grey")
-        ax.axvline(0.0, color="grey", lw=0.8, ls="--")
-        ax.set_xscale("symlog", linthresh=10.0)  # close models and far-off baselines on one axis
-        for xi, yi in zip(diff, y):
-            ax.annotate(f"{xi + 0.0:.1f}", (xi, yi), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
-        ax.set_xlabel(f"minus the best model's (nats, symlog; bars: 2 SE)")
-        ax.set_title(title)
-    axes[0].set_yticks(y)
-    axes[0].set_yticklabels(names)
-    fig.suptitle("Model comparison (rank 1 = best log evidence among converged, consistent fits)")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
-    plt.close(fig)
-    return Path(path)
 
 
 def format_table(table, columns=None, digits: int = 1) -> str:
@@ -147,6 +107,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare_models(runs, n_draws=args.draws, seed=args.seed, folds=args.folds)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "comparison.csv", lambda tmp: result.table.to_csv(tmp, index=False))
+    from .plots import plot_comparison
+
     plot_comparison(result.table, out / "comparison.png")
     print(format_table(result.table))
     for line in result.warnings:

@@ -1,17 +1,17 @@
-"""Figures (matplotlib, Agg backend): training curves and recovery against ground truth."""
+"""Figures: training curves, recovery against ground truth, model comparison.
+
+Each function draws on a new figure, writes it atomically and closes it; none chooses a
+matplotlib backend (the CLI picks Agg; in a notebook the inline backend keeps working)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import xarray as xr
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import xarray as xr  # noqa: E402
-
-from ..data.contract import atomic_write  # noqa: E402
+from ..data.contract import atomic_write
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
@@ -72,5 +72,34 @@ def plot_recovery(posterior: xr.Dataset, truth: xr.Dataset, path: str | os.PathL
         ax.set_xlabel(f"true {name}")
         ax.set_ylabel(f"posterior mean {name} (90% interval)")
         ax.set_title(f"{name} on the true component")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_comparison(table, path) -> Path:
+    """Differences from the best model in log evidence, elpd_loo and cross-validated lpd, with 2-SE
+    bars; models that are not ranked (not converged, inconsistent) are drawn hollow."""
+    names = [f"{m}{'' if s == 'ranked' else f' ({s})'}" for m, s in zip(table["model"], table["status"])]
+    ranked = (table["status"] == "ranked").to_numpy()
+    y = np.arange(len(names))[::-1]
+    panels = (("log_evidence_diff", "log_evidence_diff_se", "log evidence"), ("elpd_loo_diff", "elpd_loo_diff_se",
+              "elpd_loo (PSIS)"), ("elpd_cv_diff", "elpd_cv_diff_se", "elpd (K-fold CV)"))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.6 * len(names) + 1.8), sharey=True)
+    for ax, (value, se, title) in zip(axes, panels):
+        diff = -table[value].to_numpy(dtype=float)
+        err = 2 * np.nan_to_num(table[se].to_numpy(dtype=float))
+        for filled in (True, False):
+            sel = ranked == filled
+            ax.errorbar(diff[sel], y[sel], xerr=err[sel], fmt="o", capsize=4, mfc=None if filled else "white",
+                        color="C0" if filled else "grey")
+        ax.axvline(0.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("symlog", linthresh=10.0)  # close models and far-off baselines on one axis
+        for xi, yi in zip(diff, y):
+            ax.annotate(f"{xi + 0.0:.1f}", (xi, yi), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+        ax.set_xlabel("minus the best model's (nats, symlog; bars: 2 SE)")
+        ax.set_title(title)
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels(names)
+    fig.suptitle("Model comparison (rank 1 = best log evidence among converged, consistent fits)")
     fig.tight_layout()
     return _save(fig, path)
