@@ -65,7 +65,7 @@ def run_one(cfg: dict, repeats: int, folds: int, draws: int) -> dict:
         "mixture" if len(components) == 2 else ("single-a" if components[0] == a else "single-b"))) + cfg["seed"]
     ds = simulate(cfg["benchmark"], cfg["subjects"], seed=data_seed, noise_sd=cfg["noise"], components=components)
     priors = s["matched"] if cfg["prior"] == "matched" else None
-    runs, fit_seconds, converged = {}, 0.0, {}
+    runs, fit_seconds = {}, 0.0
     for name in (a, b, f"{a},{b}"):
         for r in range(repeats):
             start = time.perf_counter()
@@ -122,8 +122,9 @@ def summary(path: str) -> None:
         wrong3 = sum(r["wrong"] and r["z"] > 3 for r in g)
         zs = [r["z"] for r in g if np.isfinite(r["z"])]
         print(f"| {' | '.join(str(x) for x in k)} | {len(g)} | {sum(r['correct'] for r in g)} | "
-              f"{sum(r['not_decided'] for r in g)} | {wrong} ({wrong3}) | {np.mean(agree) if agree else float('nan'):.2f} | "
-              f"{np.median(zs) if zs else float('nan'):.1f} | {np.median([r['fit_seconds'] + r['compare_seconds'] for r in g]):.0f} |")
+              f"{sum(r['not_decided'] for r in g)} | {wrong} ({wrong3}) | "
+              f"{np.mean(agree) if agree else float('nan'):.2f} | {np.median(zs) if zs else float('nan'):.1f} | "
+              f"{np.median([r['fit_seconds'] + r['compare_seconds'] for r in g]):.0f} |")
     print(f"\nall: {sum(r['correct'] for r in rows)}/{len(rows)} first and decided, "
           f"{sum(r['not_decided'] for r in rows)} not decided, {sum(r['wrong'] for r in rows)} wrong "
           f"({sum(r['wrong'] and r['z'] > 3 for r in rows)} at z > 3); repeats within 2 SE: "

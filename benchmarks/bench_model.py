@@ -6,7 +6,8 @@ Scenarios (each trains on one seed and scores NEW subjects simulated with anothe
 * ``paper-noisy``: paper-grid, noise sd 0.05 on visits after the first.
 * ``graph``: graph benchmark, 2-5 irregular visits, noise sd 0.02, diffusion + fisher_kpp.
 
-Also times ``predict`` (default, Laplace-refined; and ``refine=False``) on the new subjects and compares it per subject with the classic
+Also times ``predict`` (default, Laplace-refined; and ``refine=False``) on the new subjects and
+compares it per subject with the classic
 per-subject least-squares fit of each PDE (scipy ``least_squares`` on a sample of subjects).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_model.py --scenario paper-clean --subjects 1000
@@ -51,7 +52,7 @@ def classic_fit_seconds_per_subject(ds, components, n_subjects: int = 5) -> floa
     for i in range(n_subjects):
         sl = slice(i, i + 1)
         for name in components:
-            def residual(theta):
+            def residual(theta, sl=sl, name=name):
                 d = torch.tensor([[np.exp(theta[0])]], dtype=torch.float64)
                 r = torch.tensor([[np.exp(theta[1])]], dtype=torch.float64)
                 field = solve_active(domain, data.signal[sl, 0], data.times[sl], d, r, (name,))

@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", help="another checkout of the package to run side by side")
     parser.add_argument("--baseline-args", default="--epochs 12")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL:ARGS",
-                        help="also run the current code with extra fit arguments, e.g. 'fixed:--population-prior fixed'")
+                        help="also run the current code with extra fit arguments, "
+                             "e.g. 'fixed:--population-prior fixed'")
     parser.add_argument("--workdir", help="keep cohorts and runs here (default: a temporary directory)")
     parser.add_argument("--json", help="append one JSON line per run here")
     args = parser.parse_args(argv)
@@ -130,9 +131,11 @@ def main(argv=None) -> int:
                     fh.write(json.dumps(res) + "\n")
     current = [r for r in results if r["label"] == "current"]
     ok = [r for r in current if r.get("fit_rc") == 0 and r.get("predict_rc") == 0]
-    print(f"{args.benchmark}: {len(ok)}/{len(current)} runs completed; fit {min(r['fit_seconds'] for r in current):.0f}-"
+    print(f"{args.benchmark}: {len(ok)}/{len(current)} runs completed; "
+          f"fit {min(r['fit_seconds'] for r in current):.0f}-"
           f"{max(r['fit_seconds'] for r in current):.0f} s; accuracy "
-          f"{min((r['accuracy'] for r in ok), default=float('nan')):.3f}-{max((r['accuracy'] for r in ok), default=float('nan')):.3f}; "
+          f"{min((r['accuracy'] for r in ok), default=float('nan')):.3f}-"
+          f"{max((r['accuracy'] for r in ok), default=float('nan')):.3f}; "
           f"weights error <= {max((r['weights_max_error'] for r in ok), default=float('nan')):.3f}")
     return 0
 

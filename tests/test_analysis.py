@@ -16,13 +16,13 @@ import torch
 from pyrovae_pde.data import save_dataset, simulate
 from pyrovae_pde.inference import evidence as ev
 from pyrovae_pde.inference import marginal, particles
-from pyrovae_pde.model.module import NOISE_FLOOR
 from pyrovae_pde.inference.arviz_export import from_dict, to_inference_data
 from pyrovae_pde.inference.comparison import COMPARISON_COLUMNS, FittedRun, compare_models
 from pyrovae_pde.inference.forecast import band_coverage, forecast, hold_out_last_visit
 from pyrovae_pde.inference.ppc import posterior_predictive_check
 from pyrovae_pde.interfaces.api import ModelError, SubtypeModel
 from pyrovae_pde.interfaces.cli import main
+from pyrovae_pde.model.module import NOISE_FLOOR
 
 GRAPH_PRIORS = {"diffusivity": (0.05, 1.0), "reaction": (0.1, 1.0)}
 MIX = "fisher_kpp,diffusion"

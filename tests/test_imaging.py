@@ -17,8 +17,14 @@ import torch
 import xarray as xr
 
 from pyrovae_pde.data.contract import load_dataset, validate_dataset
-from pyrovae_pde.data.imaging import (ImagingError, ImagingWarning, export_nifti, import_cohort,
-                                      invert_normalisation, read_manifest)
+from pyrovae_pde.data.imaging import (
+    ImagingError,
+    ImagingWarning,
+    export_nifti,
+    import_cohort,
+    invert_normalisation,
+    read_manifest,
+)
 from pyrovae_pde.interfaces.cli import main
 from pyrovae_pde.physics import GridDomain, solve
 

@@ -19,7 +19,7 @@ from pyrovae_pde.inference.train import TrainConfig, TrainingDivergedError, trai
 from pyrovae_pde.interfaces.api import ModelError, SubtypeModel
 from pyrovae_pde.interfaces.cli import main
 from pyrovae_pde.model.module import MAX_PLATE_NESTING, MixturePDE
-from pyrovae_pde.model.priors import LogNormalPrior, Priors, Z95
+from pyrovae_pde.model.priors import Z95, LogNormalPrior
 
 COMPONENTS = ("fisher_kpp", "saturating", "zeldovich")
 GRAPH_PRIORS = {"diffusivity": (0.05, 1.0), "reaction": (0.1, 1.0)}
@@ -225,7 +225,8 @@ def test_graph_fit_recovers_subtypes_and_parameters_on_new_subjects(graph_model,
     assert m["spearman_diffusivity"] >= 0.7
     assert np.allclose(post["subtype_prob"].sum("subtype"), 1.0)
     assert (post["reaction"].sel(subtype="diffusion").isnull()).all()
-    assert (post["diffusivity_q05"] <= post["diffusivity"]).all() and (post["diffusivity"] <= post["diffusivity_q95"]).all()
+    assert (post["diffusivity_q05"] <= post["diffusivity"]).all()
+    assert (post["diffusivity"] <= post["diffusivity_q95"]).all()
     assert post.attrs["n_particles"] == 128  # a 68-node graph: importance-sampled by default
 
 

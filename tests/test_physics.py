@@ -17,8 +17,15 @@ from hypothesis import strategies as st
 from scipy.integrate import solve_ivp
 
 from pyrovae_pde.data.simulate import modular_connectome, paper_grid_mask
-from pyrovae_pde.physics import (DomainError, GraphDomain, GridDomain, ReactionTerm, SolverInputError,
-                                 registered_reactions, solve)
+from pyrovae_pde.physics import (
+    DomainError,
+    GraphDomain,
+    GridDomain,
+    ReactionTerm,
+    SolverInputError,
+    registered_reactions,
+    solve,
+)
 from pyrovae_pde.physics import reactions as reactions_module
 
 F64 = torch.float64

@@ -8,7 +8,6 @@ It walks through what a teacher of probabilistic subtyping would show: the data 
 physics, the generative model with an enumerated subtype, fitting, the posterior of new subjects,
 and what calibration means here.
 """
-import numpy as np
 import torch
 
 from pyrovae_pde import SubtypeModel, simulate

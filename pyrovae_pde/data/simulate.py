@@ -17,7 +17,6 @@ import torch
 import xarray as xr
 
 from ..errors import SimulationError
-
 from ..physics import Domain, GraphDomain, GridDomain, get_reaction, solve_active
 from .contract import SCHEMA_VERSION
 

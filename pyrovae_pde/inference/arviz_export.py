@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..errors import InputError
 from .evidence import ModelEvidence, model_evidence
 from .particles import observation_sd
-from ..errors import InputError
 
 
 def arviz_major() -> int:

@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..data.cohort import CohortTensors
+from ..errors import InputError
 from ..model.module import MixturePDE
 from .evidence import ModelEvidence, model_evidence, subset_evidence
 from .marginal import cross_validated_lpd
-from ..errors import InputError
 
 PARETO_K_MAX = 0.7
 DECISION_Z = 2.0  # the top two models must differ by this many combined SE for a verdict
@@ -155,7 +154,8 @@ def compare_models(runs: dict[str, list[FittedRun]], n_draws: int = 200, seed: i
     table["rank"] = np.nan
     table.loc[ranked.index, "rank"] = np.arange(1, len(ranked) + 1)
     verdict = _verdict(ranked, rows, runs)
-    best = ranked.iloc[0]["model"] if len(ranked) else table.sort_values("log_evidence", ascending=False).iloc[0]["model"]
+    by_evidence = ranked if len(ranked) else table.sort_values("log_evidence", ascending=False)
+    best = by_evidence.iloc[0]["model"]
     ref = rows[best]
     for col, se_col in (("log_evidence_diff", "log_evidence_diff_se"),):
         table[col] = ref["log_evidence"] - table["log_evidence"]
@@ -189,9 +189,11 @@ def _check_consistency(runs, subsets, rows, notes) -> None:
             if abs(diff) > CONSISTENCY_Z * se + CONSISTENCY_FLOOR:
                 for name in (small, big):
                     rows[name]["status"] = "inconsistent"
-                notes.append(f"{small} and {big}: {small}'s evidence ({rows[small]['log_evidence']:.1f}) disagrees with "
+                notes.append(f"{small} and {big}: {small}'s evidence ({rows[small]['log_evidence']:.1f}) "
+                             "disagrees with "
                              f"the subset evidence of {big} for the same mechanisms ({sub['log_evidence']:.1f}) by "
-                             f"{diff:+.1f} nats (> {CONSISTENCY_Z:g} SE): one of the two fits failed; neither is ranked. "
+                             f"{diff:+.1f} nats (> {CONSISTENCY_Z:g} SE): one of the two fits failed; "
+                             "neither is ranked. "
                              "Refit both with --restarts 3")
 
 

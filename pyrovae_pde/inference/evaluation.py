@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 from scipy.stats import spearmanr
+
 from ..errors import InputError
 
 
@@ -49,7 +50,8 @@ def format_metrics(metrics: dict[str, float]) -> str:
     """One readable line per metric."""
     labels = {"accuracy": "subtype accuracy", "mean_top_prob": "mean top subtype probability",
               "spearman_diffusivity": "Spearman(D, true D)", "spearman_reaction": "Spearman(r, true r)",
-              "coverage90_diffusivity": "90% interval coverage of D", "coverage90_reaction": "90% interval coverage of r",
+              "coverage90_diffusivity": "90% interval coverage of D",
+              "coverage90_reaction": "90% interval coverage of r",
               "weights_max_error": "max |weight - true frequency|", "n_subjects": "subjects scored"}
     return "\n".join(f"  {labels.get(k, k):32s} {v:.3f}" if k != "n_subjects" else f"  {labels[k]:32s} {int(v)}"
                      for k, v in metrics.items())

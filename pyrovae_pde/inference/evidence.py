@@ -16,13 +16,19 @@ import numpy as np
 import torch
 
 from ..data.cohort import CohortTensors
+from ..errors import InputError
 from ..model.module import MixturePDE
 from .encoding import encode_cohort
-from .marginal import (EvidenceEstimate, GlobalDraws, PosteriorDraws, iwae_log_evidence, laplace_globals,
-                       sample_posterior)
+from .marginal import (
+    EvidenceEstimate,
+    GlobalDraws,
+    PosteriorDraws,
+    iwae_log_evidence,
+    laplace_globals,
+    sample_posterior,
+)
 from .particles import ParticleStats, particle_stats, quadrature_stats
 from .quadrature import DEFAULT_TOLERANCE
-from ..errors import InputError
 
 METHODS = ("quadrature", "importance")
 

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..errors import ModelError
 from ..physics import solve_active
 from .evidence import model_evidence
 from .particles import DTYPE, observation_sd
-from ..errors import ModelError
 
 QUANTILES = (0.05, 0.5, 0.95)
 

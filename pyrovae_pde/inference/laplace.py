@@ -5,7 +5,8 @@ priors in log space) and the likelihood of the later observed visits given the P
 Normal with the observation sd sigma. ``laplace_fit`` finds the mode by Levenberg-Marquardt,
 started at the amortized guide's means (every component of every subject in a batch goes through
 one batched solve per evaluation), with forward-difference Jacobians at the start and at the mode
-and Broyden updates in between, and returns the Gaussian approximation N(mode, H^-1), H the Gauss-Newton Hessian of the negative log
+and Broyden updates in between, and returns the Gaussian approximation N(mode, H^-1), H the
+Gauss-Newton Hessian of the negative log
 posterior, and the Laplace estimate of the evidence
 
     log p(x_i | k) ~= log p(x_i | theta*) + log p(theta*) + (d/2) log(2 pi) - (1/2) log det H,
@@ -239,7 +240,8 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
             lam = torch.where(better, lam / 3, lam * 5)
             if gain < tol:  # no subject's log posterior moved by more than tol nats
                 break
-        if n_iter or two_level:  # the final Jacobian at the mode; rows whose rate outgrew the search's steps are re-solved
+        # the final Jacobian at the mode; rows whose rate outgrew the search's steps are re-solved
+        if n_iter or two_level:
             final_rates = step_rates(b, 0.0)
             fresh = None
             if final_rates is not None:

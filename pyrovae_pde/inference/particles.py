@@ -27,12 +27,12 @@ import pyro.distributions as dist
 import torch
 
 from ..data.cohort import CohortTensors
+from ..errors import InputError
 from ..model.module import NOISE_FLOOR, MixturePDE
 from .encoding import GuideSummary, encode_cohort
 from .laplace import LOG_2PI, laplace_fit, pooled_residual_variance
 from .quadrature import DEFAULT_TOLERANCE, log_prior, node_sse, quadrature_nodes
 from .search import search_modes
-from ..errors import InputError
 
 DTYPE = torch.float64
 
@@ -160,42 +160,12 @@ class Proposal:
         if self.mean is not None:
             chol = torch.linalg.cholesky(self.cov)  # (N, K, 2, 2)
             lap = self.mean + (chol @ eps[..., None])[..., 0]
-            use_guide = torch.rand((n, *d_loc.shape), generator=generator, dtype=DTYPE).to(d_loc.device) < self.defensive
+            uniform = torch.rand((n, *d_loc.shape), generator=generator, dtype=DTYPE).to(d_loc.device)
+            use_guide = uniform < self.defensive
             a = torch.where(use_guide, a, lap[..., 0])
             b = torch.where(use_guide, b, lap[..., 1])
         b = torch.where(self.has_rate, b, torch.zeros_like(b))
         return a, b
-
-
-def guide_proposal(module: MixturePDE, data: CohortTensors, summary: GuideSummary | None = None) -> Proposal:
-    """The amortized guide as proposal (``posterior_dataset(refine=False)`` uses it); ``summary``:
-    the cohort's guide if already encoded."""
-    dtype = next(module.parameters()).dtype
-    s = summary if summary is not None else encode_cohort(module, data.to(data.signal.device, dtype))
-    has_rate = torch.zeros(module.n_components, dtype=torch.bool, device=s.d_loc.device)
-    has_rate[module.rate_index] = True
-    return Proposal(s.d_loc.to(DTYPE), s.d_scale.to(DTYPE), s.r_loc.to(DTYPE), s.r_scale.to(DTYPE), has_rate)
-
-
-def laplace_proposal(module: MixturePDE, data: CohortTensors, n_iter: int = 10, inflate: float = 2.0,
-                     defensive: float = 0.1, batch_size: int | None = None, step: float = 1e-4,
-                     tol: float = 1e-2) -> Proposal:
-    """Refine the guide into a Laplace proposal per (subject, component).
-
-    ``laplace.laplace_fit`` in float64 (Levenberg-Marquardt from the guide's means, at most
-    ``n_iter`` iterations), with the guide's median noise during the search and the least-squares
-    noise estimate (each subject's best component) for the final Gauss-Newton Hessian, whose
-    inverse times ``inflate`` is the Gaussian's covariance. Subjects without later visits keep the
-    prior's curvature.
-    """
-    guide = guide_proposal(module, data)
-    sigma = float(observation_sd(torch.exp(module.noise_loc.detach())))
-    fit = laplace_fit(module, data, sigma, n_iter=n_iter, step=step, tol=tol, batch_size=batch_size,
-                      dtype=DTYPE, start=GuideSummary(guide.d_loc, guide.d_scale, guide.r_loc, guide.r_scale),
-                      broyden=False)
-    pooled = pooled_residual_variance(fit.sse, fit.n_obs)
-    cov = fit.covariance(sigma ** 2 if pooled is None else pooled, module.prior_terms(DTYPE, fit.mean.device))
-    return dataclasses.replace(guide, mean=fit.mean, cov=cov * inflate, defensive=defensive)
 
 
 def guide_proposal(module: MixturePDE, data: CohortTensors, summary: GuideSummary | None = None) -> Proposal:

@@ -8,9 +8,10 @@ hyperparameters h_k = (mu_k, log tau_k) have the hyperprior
 
 where (m0_c, s0_c) is the base prior of coordinate c (the user's ``--prior`` or the cohort default,
 ``model.priors``): a component's population lies somewhere in the base range, with a spread
-typically half the base width (anything from a few percent of it to a few times it). With many subjects the data decide; an unused component keeps about the
-base prior. This makes the subtype decision and the model evidence depend little on the user's
-guess of the ranges (the base prior only has to contain the populations).
+typically half the base width (anything from a few percent of it to a few times it). With many
+subjects the data decide; an unused component keeps about the base prior. This makes the subtype
+decision and the model evidence depend little on the user's guess of the ranges (the base prior
+only has to contain the populations).
 
 ``em_population`` is the EM algorithm for the MAP hyperparameters (and mixture weights) given
 per-(subject, component) Laplace approximations. Changing the prior of a Laplace approximation

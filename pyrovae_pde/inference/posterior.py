@@ -19,13 +19,13 @@ import torch
 import xarray as xr
 
 from ..data.cohort import CohortTensors
+from ..errors import InputError
 from ..model.module import MixturePDE
 from . import particles
-from .marginal import component_log_evidence
-from .prior_check import prior_conflict
 from .encoding import GuideSummary, encode_cohort, global_means  # noqa: F401 (re-exported)
 from .laplace import laplace_fit, pooled_residual_variance
-from ..errors import InputError
+from .marginal import component_log_evidence
+from .prior_check import prior_conflict
 
 Z90 = 1.6448536269514722  # standard-normal quantile of 0.95
 # Refined posteriors on domains this small (region graphs, coarse atlases) are importance-sampled

@@ -184,7 +184,7 @@ def plot_ppc_figures(result: PPCResult, out_dir: str | os.PathLike, num_pp_sampl
             fig = plot.viz["chart"].item() if hasattr(plot, "viz") else plt.gcf()
         fig.suptitle(f"Posterior predictive check: {LABELS[name]} per subject (all later visits, then by visit)")
         path = out_dir / f"ppc_{name}.png"
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
+        atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
         plt.close(fig)
         paths.append(path)
     return paths

@@ -42,7 +42,8 @@ class PriorCheck:
         lo, hi = self.prior
         slo, shi = self.suggested
         return (f"the {self.parameter} prior [{lo:.3g}, {hi:.3g}] (central 95%) conflicts with the data: "
-                f"{100 * self.share_outside:.0f}% of subjects' posterior medians lie outside it (about 5% expected), so "
+                f"{100 * self.share_outside:.0f}% of subjects' posterior medians lie outside it "
+                "(about 5% expected), so "
                 f"the prior, not the data, shapes the results; refit with --prior {self.parameter}=LO,HI covering the "
                 f"data, e.g. --prior {self.parameter}={slo:.3g},{shi:.3g}")
 

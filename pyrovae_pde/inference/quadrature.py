@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from ..data.cohort import CohortTensors
+from ..errors import InputError
 from ..model.module import MixturePDE
 from .laplace import LOG_2PI, LaplaceFit
-from ..errors import InputError
 
 DTYPE = torch.float64
 ORDERS = (5, 7, 9, 11, 13)

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 
 from ..data.cohort import CohortTensors
+from ..errors import InputError
 from ..model.module import MixturePDE
 from .encoding import GuideSummary
-from .laplace import LaplaceFit, _hessian, _inverse, _residuals, laplace_evidence
-from ..errors import InputError
+from .laplace import LaplaceFit, _hessian, _residuals, laplace_evidence
 
 # log of the factor on a subject's largest rate that sets the solver's step counts during the
 # search: finite differences and trial points must share the discretisation of their base point.

@@ -54,8 +54,8 @@ from pyro.infer import TraceEnum_ELBO
 from tqdm.auto import tqdm
 
 from ..data.cohort import CohortTensors
-from ..model.module import MAX_PLATE_NESTING, NOISE_FLOOR, MixturePDE, RefinedPosterior
 from ..errors import InputError, MissingFileError, TrainingDivergedError
+from ..model.module import MAX_PLATE_NESTING, NOISE_FLOOR, MixturePDE, RefinedPosterior
 from .encoding import GuideSummary, encode_cohort
 from .laplace import LaplaceFit, laplace_evidence, laplace_fit, pooled_residual_variance
 from .population import Population, em_population
@@ -464,14 +464,16 @@ def _set_lr(trainer: _Trainer, scale: float, config: TrainConfig) -> None:
         group["lr"] = config.encoder_learning_rate * scale
 
 
-def train(module: MixturePDE, data: CohortTensors, config: TrainConfig = TrainConfig(),
+def train(module: MixturePDE, data: CohortTensors, config: TrainConfig | None = None,
           checkpoint_dir: str | os.PathLike | None = None, resume: bool = False) -> TrainState:
     """Fit ``module`` to ``data``; returns the training state (history and convergence diagnostics).
 
     The module ends with the parameters of the best validation epoch of the best restart. With
     ``checkpoint_dir``, a checkpoint is written atomically after every epoch and ``resume=True``
-    continues from it (the same restart and epoch, with the same random numbers).
+    continues from it (the same restart and epoch, with the same random numbers). ``config``:
+    ``TrainConfig()`` (the defaults) when not given.
     """
+    config = TrainConfig() if config is None else config
     device = torch.device(config.device)
     module.to(device)
     data = data.to(device)
@@ -534,7 +536,8 @@ def _train_once(module: MixturePDE, data: CohortTensors, config: TrainConfig, ch
         return state, best_state  # this restart had already finished
     state.converged = False
     state.stop_reason = "running"
-    bar = tqdm(range(state.epoch, config.epochs), desc="fit" if config.restarts == 1 else f"fit (restart {restart + 1})",
+    desc = "fit" if config.restarts == 1 else f"fit (restart {restart + 1})"
+    bar = tqdm(range(state.epoch, config.epochs), desc=desc,
                unit="epoch", disable=not config.progress, initial=state.epoch, total=config.epochs)
     for epoch in bar:
         record = trainer.epoch(epoch)
@@ -587,6 +590,7 @@ def _train_once(module: MixturePDE, data: CohortTensors, config: TrainConfig, ch
         n_tr = trainer.n_train
         with torch.no_grad():
             weights = module.weights_concentration().double().cpu()
-        state.prior_check = [c.as_dict() for c in prior_conflict(module.priors, fit.mean[:n_tr], fit.log_evidence[:n_tr],
-                                                                 weights / weights.sum(), fit.has_rate, fit.n_obs[:n_tr])]
+        checks = prior_conflict(module.priors, fit.mean[:n_tr], fit.log_evidence[:n_tr], weights / weights.sum(),
+                                fit.has_rate, fit.n_obs[:n_tr])
+        state.prior_check = [c.as_dict() for c in checks]
     return state, best_state

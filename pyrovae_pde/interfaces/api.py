@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..errors import ModelError
 from .. import __version__
 from ..data import ContractError, atomic_write, validate_dataset
 from ..data.cohort import CohortTensors, cohort_tensors, domain_from_dataset
+from ..errors import ModelError
 from ..inference.posterior import posterior_dataset
 from ..inference.train import TrainConfig, TrainState, train
 from ..model.module import MixturePDE

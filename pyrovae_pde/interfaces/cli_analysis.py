@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from pathlib import Path
 
 from ..errors import ExistingPathError, UserError
@@ -100,7 +99,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"  done in {time.perf_counter() - start:.0f} s: "
                   f"{'converged' if model.converged_ else 'NOT converged'}", flush=True)
             warn_if_unconverged(model, str(run_dir))
-            runs.setdefault(name, []).append(FittedRun(model.module_, model._tensors(ds, source), model.converged_, seed))
+            fitted = FittedRun(model.module_, model._tensors(ds, source), model.converged_, seed)
+            runs.setdefault(name, []).append(fitted)
     print(f"evaluating {len(runs)} model(s): quadrature of every subject's integrals, {args.draws} posterior draws of "
           f"the globals, {args.folds}-fold cross-validation", flush=True)
     start = time.perf_counter()
@@ -115,7 +115,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"warning: {line}")
     for name, subsets in result.subsets.items():
         path = out / f"subset_evidence_{name.replace(',', '+')}.csv"
-        atomic_write(path, lambda tmp: subsets.to_csv(tmp, index=False))
+        atomic_write(path, lambda tmp, subsets=subsets: subsets.to_csv(tmp, index=False))
         print(f"subset evidence of {name} ({path.name}):")
         print(subsets.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     atomic_write(out / "verdict.txt", lambda tmp: Path(tmp).write_text(result.verdict + "\n"))

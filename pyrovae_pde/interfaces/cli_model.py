@@ -120,7 +120,8 @@ def warn_prior_conflicts(checks: list[dict], where: str) -> None:
     from ..inference.prior_check import PriorCheck
 
     for c in checks:
-        check = PriorCheck(c["parameter"], c["share_outside"], c["n_subjects"], tuple(c["prior"]), tuple(c["suggested"]))
+        check = PriorCheck(c["parameter"], c["share_outside"], c["n_subjects"], tuple(c["prior"]),
+                           tuple(c["suggested"]))
         if check.conflict:
             print(f"warning: {where}: {check.message()}", file=sys.stderr)
 

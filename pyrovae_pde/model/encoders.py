@@ -1,8 +1,8 @@
 """Amortized encoders: all of a subject's visits (irregular times, some missing) -> LogNormal
 posterior parameters of every component's diffusivity and reaction rate.
 
-Each visit slot contributes four input features per node (see ``visit_features``). Grids go through a conv net (2-D or 3-D), graphs through graph convolutions over
-the normalised adjacency.
+Each visit slot contributes four input features per node (see ``visit_features``). Grids go
+through a conv net (2-D or 3-D), graphs through graph convolutions over the normalised adjacency.
 """
 from __future__ import annotations
 

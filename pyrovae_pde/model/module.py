@@ -28,11 +28,11 @@ from pyro.ops.indexing import Vindex
 from torch import nn
 from torch.nn.functional import softplus
 
+from ..errors import InputError
 from ..physics import Domain, get_reaction, solve_active
 from ..physics.solvers import DEFAULT_INITIAL_REACTION_STEP, DEFAULT_REACTION_STEP
 from .encoders import GraphEncoder, GridEncoder, PosteriorHead
 from .priors import Priors
-from ..errors import InputError
 
 SUBJECT_DIM = -1
 COMPONENT_DIM = -2
@@ -194,7 +194,8 @@ class MixturePDE(nn.Module):
         p = self.priors
         device = signal.device
         one = signal.new_ones(())  # the globals' priors in the data's dtype and device
-        weights = pyro.sample("weights", dist.Dirichlet(p.weights_concentration * signal.new_ones(self.n_components)))  # (K,)
+        concentration = p.weights_concentration * signal.new_ones(self.n_components)
+        weights = pyro.sample("weights", dist.Dirichlet(concentration))  # (K,)
         noise = pyro.sample("noise_scale", dist.LogNormal(math.log(p.noise_median) * one, p.noise_log_sd * one))  # ()
         subjects, components, rates = self._plates(n_total, batch, index, device)
         loc, scale = self.population_loc.to(signal), self.population_scale.to(signal)  # (K, 2)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 from ..errors import InputError
 
 Z95 = 1.959963984540054  # standard-normal quantile of 0.975

@@ -17,7 +17,6 @@ import torch
 
 from ..errors import DomainError
 
-
 SPECTRAL_RANGE_DENSE = 3000  # nodes up to which spectral_range uses dense eigenvalues
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
 from ..errors import InputError, UnknownNameError
 
 Flow = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
