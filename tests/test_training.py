@@ -13,7 +13,8 @@ import torch
 from pyrovae_pde.data import cohort_tensors, domain_from_dataset, save_dataset, simulate
 from pyrovae_pde.inference.population import Population, em_population, reweight_laplace
 from pyrovae_pde.inference.search import search_modes
-from pyrovae_pde.inference.train import TrainConfig, evaluate_elbo, refine, train
+from pyrovae_pde.inference.objective import evaluate_elbo, refine
+from pyrovae_pde.inference.train import TrainConfig, train
 from pyrovae_pde.interfaces.api import SubtypeModel
 from pyrovae_pde.interfaces.cli import main
 from pyrovae_pde.model.module import MixturePDE

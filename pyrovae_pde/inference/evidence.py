@@ -68,7 +68,7 @@ class ModelEvidence:
 def elbo_estimate(module: MixturePDE, data: CohortTensors, n_draws: int = 4, seed: int = 0) -> tuple[float, float]:
     """The fitted model's ELBO summed over the cohort (units of ``log_evidence``) under its
     semi-amortized guide (Laplace approximations refined from the encoder's guess): mean and MC SE."""
-    from .train import evaluate_elbo, refine
+    from .objective import evaluate_elbo, refine
 
     data = data.to(data.signal.device, next(module.parameters()).dtype)
     refined, _ = refine(module, data, n_iter=4)

@@ -51,12 +51,12 @@ class LaplaceFit:
     def covariance(self, variance: float, prior: tuple) -> torch.Tensor:
         """Inverse Gauss-Newton Hessian (N, K, 2, 2) at the modes for observation variance
         ``variance`` and the prior ``prior`` (``MixturePDE.prior_terms``)."""
-        return _inverse(*_hessian(self.jtj[..., 0], self.jtj[..., 1], self.jtj[..., 2], variance, prior,
+        return _inverse(*posterior_hessian(self.jtj[..., 0], self.jtj[..., 1], self.jtj[..., 2], variance, prior,
                                   self.has_rate))[0]
 
 
-def _hessian(jaa: torch.Tensor, jab: torch.Tensor, jbb: torch.Tensor, variance: float, prior: tuple,
-             has_rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def posterior_hessian(jaa: torch.Tensor, jab: torch.Tensor, jbb: torch.Tensor, variance: float, prior: tuple,
+                      has_rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gauss-Newton Hessian entries (aa, ab, bb) of the negative log posterior over (log D, log r),
     from the likelihood's J^T J entries (..., K) and the prior (la, sa, lb, sb), each (K,);
     rate-free components get a unit placeholder for bb."""
@@ -79,7 +79,7 @@ def laplace_evidence(a: torch.Tensor, b: torch.Tensor, jaa: torch.Tensor, jab: t
     values and observation variance ``variance``:
     log p(x | theta*) + log p(theta*) + (d/2) log(2 pi) - (1/2) log det H."""
     la, sa, lb, sb = (t.to(a) for t in prior)
-    cov, det = _inverse(*_hessian(jaa, jab, jbb, variance, (la, sa, lb, sb), has_rate))
+    cov, det = _inverse(*posterior_hessian(jaa, jab, jbb, variance, (la, sa, lb, sb), has_rate))
     rate_d = has_rate.to(a.dtype)
     log_lik = -0.5 * sse / variance - n_obs[:, None] * 0.5 * (math.log(variance) + LOG_2PI)
     log_prior = (-0.5 * ((a - la) / sa) ** 2 - torch.log(sa) - 0.5 * LOG_2PI
@@ -114,8 +114,8 @@ def _residuals_and_jacobians(module: MixturePDE, signal: torch.Tensor, times: to
         points_b.append(b + step)
         index.append(index[1])
     index = torch.cat(index)
-    resid = _residuals(module, signal[index], times[index], mask[index], torch.cat(points_a), torch.cat(points_b),
-                       step_rates[index] if step_rates is not None else None, coarse)  # (rows + 2 B, K, M)
+    resid = solve_residuals(module, signal[index], times[index], mask[index], torch.cat(points_a), torch.cat(points_b),
+                            step_rates[index] if step_rates is not None else None, coarse)  # (rows + 2 B, K, M)
     start = resid[:len(rows)]
     if base is not None:
         start = base.clone()
@@ -126,9 +126,9 @@ def _residuals_and_jacobians(module: MixturePDE, signal: torch.Tensor, times: to
     return start, ja, jb
 
 
-def _residuals(module: MixturePDE, signal: torch.Tensor, times: torch.Tensor, mask: torch.Tensor,
-               a: torch.Tensor, b: torch.Tensor, step_rates: torch.Tensor | None,
-               coarse: bool = False) -> torch.Tensor:
+def solve_residuals(module: MixturePDE, signal: torch.Tensor, times: torch.Tensor, mask: torch.Tensor,
+                    a: torch.Tensor, b: torch.Tensor, step_rates: torch.Tensor | None,
+                    coarse: bool = False) -> torch.Tensor:
     """Residuals (B, K, M) at theta = (a, b), with the solver's step counts set by ``step_rates``."""
     rate = module.rate_index
     with torch.no_grad():
@@ -136,6 +136,107 @@ def _residuals(module: MixturePDE, signal: torch.Tensor, times: torch.Tensor, ma
                                 step_rates=step_rates, coarse=coarse)
     resid = (fields[:, :, 1:] - signal[:, None, 1:]) * mask[:, None, :, None]
     return resid.reshape(*resid.shape[:2], -1)
+
+
+@dataclass(frozen=True)
+class _LevenbergMarquardt:
+    """The batched per-(subject, component) mode search of ``laplace_fit`` and its settings."""
+
+    module: MixturePDE
+    prior: tuple  # (loc, scale) of log D and of log r: la, sa, lb, sb
+    has_rate: torch.Tensor  # (K,) bool
+    variance: float  # sigma^2 of the likelihood during the search
+    step: float  # finite-difference step in log space
+    broyden: bool
+    two_level: bool
+
+    def objective(self, resid, a, b):
+        la, sa, lb, sb = self.prior
+        return (0.5 * (resid ** 2).sum(-1) / self.variance + 0.5 * ((a - la) / sa) ** 2
+                + self.has_rate.to(a.dtype) * 0.5 * ((b - lb) / sb) ** 2)
+
+    def damped_step(self, resid, ja, jb, a, b, lam):
+        """Levenberg-Marquardt step at damping ``lam``, at most e-fold in either coordinate."""
+        la, sa, lb, sb = self.prior
+        s2, rate_f = self.variance, self.has_rate.to(a.dtype)
+        haa, hab, hbb = posterior_hessian((ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), s2, self.prior,
+                                 self.has_rate)
+        ga = (ja * resid).sum(-1) / s2 + (a - la) / sa ** 2
+        gb = (jb * resid).sum(-1) / s2 + rate_f * (b - lb) / sb ** 2
+        daa, dbb = haa * (1 + lam), hbb * (1 + lam)
+        det = daa * dbb - hab ** 2
+        step_a = -(dbb * ga - hab * gb) / det
+        step_b = -(daa * gb - hab * ga) / det * rate_f
+        size = torch.maximum(step_a.abs(), step_b.abs()).clamp_min(1.0)
+        return step_a / size, step_b / size
+
+    def step_rates(self, b, margin):
+        """Solver step counts of a subject: its largest rate, times a margin."""
+        rate_index = self.module.rate_index
+        return torch.exp(b[:, rate_index]).amax(dim=1) * math.exp(margin) if rate_index else None
+
+    def fit(self, batch, a, b, n_iter: int, tol: float) -> tuple:
+        """Search one batch (signal, times, observed mask of later visits) from (a, b) (B, K);
+        returns (a, b, J_aa, J_ab, J_bb, SSE), each (B, K)."""
+        module, two_level = self.module, self.two_level
+        sig, tim, msk = batch
+        rate_f = self.has_rate.to(a.dtype)
+        # The search keeps one discretisation per subject, so that its comparisons of the objective
+        # see theta, not the step counts; the final Jacobian gets its own at the mode.
+        search_rates = self.step_rates(b, SEARCH_RATE_MARGIN)
+        resid, ja, jb = _residuals_and_jacobians(module, sig, tim, msk, a, b, self.step, search_rates,
+                                                 coarse=two_level)
+        obj = self.objective(resid, a, b)
+        lam = torch.full_like(a, 1e-2)
+        for _ in range(n_iter):
+            step_a, step_b = self.damped_step(resid, ja, jb, a, b, lam)
+            a1, b1 = module.clamp_theta(a + step_a, b + step_b)
+            if self.broyden:
+                resid1 = solve_residuals(module, sig, tim, msk, a1, b1, search_rates, two_level)
+                # Correct J along the step so that it maps the step onto the change in residuals.
+                da, db = (a1 - a)[..., None], (b1 - b)[..., None]
+                miss = resid1 - resid - ja * da - jb * db
+                norm2 = (da ** 2 + db ** 2).clamp_min(1e-30)
+                ja, jb = ja + miss * da / norm2, jb + miss * db / norm2 * rate_f[:, None]
+            else:
+                resid1, ja1, jb1 = _residuals_and_jacobians(module, sig, tim, msk, a1, b1, self.step, search_rates,
+                                                            coarse=two_level)
+            obj1 = self.objective(resid1, a1, b1)
+            better = obj1 < obj
+            if not self.broyden:
+                ja, jb = (torch.where(better[..., None], new, old) for new, old in ((ja1, ja), (jb1, jb)))
+            gain = float(torch.where(better, obj - obj1, torch.zeros_like(obj)).max())
+            a, b = torch.where(better, a1, a), torch.where(better, b1, b)
+            resid = torch.where(better[..., None], resid1, resid)
+            obj = torch.where(better, obj1, obj)
+            lam = torch.where(better, lam / 3, lam * 5)
+            if gain < tol:  # no subject's log posterior moved by more than tol nats
+                break
+        if n_iter or two_level:
+            a, b, resid, ja, jb = self._at_the_mode(batch, a, b, resid, search_rates, lam)
+        return a, b, (ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), (resid ** 2).sum(-1)
+
+    def _at_the_mode(self, batch, a, b, resid, search_rates, lam):
+        """The final Jacobian at the mode (rows whose rate outgrew the search's steps re-solved) and,
+        two-level, one Gauss-Newton step on the model's own solver's objective."""
+        module, two_level = self.module, self.two_level
+        sig, tim, msk = batch
+        final_rates = self.step_rates(b, 0.0)
+        fresh = None
+        if final_rates is not None:
+            fresh = final_rates > search_rates
+            final_rates = torch.maximum(final_rates, search_rates)
+        resid, ja, jb = _residuals_and_jacobians(module, sig, tim, msk, a, b, self.step, final_rates,
+                                                 base=resid if fresh is not None else None, fresh=fresh,
+                                                 coarse=two_level)
+        if two_level:  # one solve with the model's own solver, then one Gauss-Newton step on its objective
+            fine = solve_residuals(module, sig, tim, msk, a, b, final_rates)
+            step_a, step_b = self.damped_step(fine, ja, jb, a, b, torch.zeros_like(lam))
+            a, b = module.clamp_theta(a + step_a, b + step_b)
+            # Defect correction: the coarse residuals there plus the fine-minus-coarse defect at
+            # the search's mode (smooth in theta), instead of the linear model's prediction.
+            resid = solve_residuals(module, sig, tim, msk, a, b, final_rates, True) + (fine - resid)
+        return a, b, resid, ja, jb
 
 
 def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter: int = 4,
@@ -173,91 +274,19 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
     step = step if step is not None else (1e-2 if dtype == torch.float32 else 1e-4)
     has_rate = torch.zeros(module.n_components, dtype=torch.bool, device=data.signal.device)
     has_rate[module.rate_index] = True
-    rate_f = has_rate.to(dtype)
-    pri = module.prior_terms(dtype, data.signal.device)
-    la, sa, lb, sb = pri
     n, k = guide.d_loc.shape
     if batch_size is None:  # about 4e6 residual values per batch and point
         batch_size = max(1, int(4e6 // (k * data.signal.shape[1] * data.signal.shape[2])))
-    s2 = float(noise_sd) ** 2
+    problem = _LevenbergMarquardt(module, module.prior_terms(dtype, data.signal.device), has_rate,
+                                  float(noise_sd) ** 2, step, broyden, two_level)
     a_all = guide.d_loc.to(dtype).clone()
     b_all = torch.where(has_rate, guide.r_loc, torch.zeros_like(guide.r_loc)).to(dtype).clone()
-
-    def objective(resid, a, b, var):
-        return (0.5 * (resid ** 2).sum(-1) / var + 0.5 * ((a - la) / sa) ** 2
-                + rate_f * 0.5 * ((b - lb) / sb) ** 2)
-
-    rate_index = module.rate_index
-
-    def damped_step(resid, ja, jb, a, b, lam):  # Levenberg-Marquardt step at damping lam, at most e-fold
-        haa, hab, hbb = _hessian((ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), s2, pri, has_rate)
-        ga = (ja * resid).sum(-1) / s2 + (a - la) / sa ** 2
-        gb = (jb * resid).sum(-1) / s2 + rate_f * (b - lb) / sb ** 2
-        daa, dbb = haa * (1 + lam), hbb * (1 + lam)
-        det = daa * dbb - hab ** 2
-        step_a = -(dbb * ga - hab * gb) / det
-        step_b = -(daa * gb - hab * ga) / det * rate_f
-        size = torch.maximum(step_a.abs(), step_b.abs()).clamp_min(1.0)
-        return step_a / size, step_b / size
-
-    def step_rates(b, margin):  # solver step counts of a subject: its largest rate, times a margin
-        return torch.exp(b[:, rate_index]).amax(dim=1) * math.exp(margin) if rate_index else None
-
     parts = []
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
-        sig, tim = data.signal[sl].to(dtype), data.times[sl].to(dtype)
-        msk = data.observed[sl, 1:].to(dtype)
-        a, b = a_all[sl], b_all[sl]
-        # The search keeps one discretisation per subject, so that its comparisons of the objective
-        # see theta, not the step counts; the final Jacobian gets its own at the mode.
-        search_rates = step_rates(b, SEARCH_RATE_MARGIN)
-        resid, ja, jb = _residuals_and_jacobians(module, sig, tim, msk, a, b, step, search_rates,
-                                                 coarse=two_level)
-        obj = objective(resid, a, b, s2)
-        lam = torch.full_like(a, 1e-2)
-        for _ in range(n_iter):
-            step_a, step_b = damped_step(resid, ja, jb, a, b, lam)
-            a1, b1 = module.clamp_theta(a + step_a, b + step_b)
-            if broyden:
-                resid1 = _residuals(module, sig, tim, msk, a1, b1, search_rates, two_level)
-                # Correct J along the step so that it maps the step onto the change in residuals.
-                da, db = (a1 - a)[..., None], (b1 - b)[..., None]
-                miss = resid1 - resid - ja * da - jb * db
-                norm2 = (da ** 2 + db ** 2).clamp_min(1e-30)
-                ja, jb = ja + miss * da / norm2, jb + miss * db / norm2 * rate_f[:, None]
-            else:
-                resid1, ja1, jb1 = _residuals_and_jacobians(module, sig, tim, msk, a1, b1, step, search_rates,
-                                                            coarse=two_level)
-            obj1 = objective(resid1, a1, b1, s2)
-            better = obj1 < obj
-            if not broyden:
-                ja, jb = (torch.where(better[..., None], new, old) for new, old in ((ja1, ja), (jb1, jb)))
-            gain = float(torch.where(better, obj - obj1, torch.zeros_like(obj)).max())
-            a, b = torch.where(better, a1, a), torch.where(better, b1, b)
-            resid = torch.where(better[..., None], resid1, resid)
-            obj = torch.where(better, obj1, obj)
-            lam = torch.where(better, lam / 3, lam * 5)
-            if gain < tol:  # no subject's log posterior moved by more than tol nats
-                break
-        # the final Jacobian at the mode; rows whose rate outgrew the search's steps are re-solved
-        if n_iter or two_level:
-            final_rates = step_rates(b, 0.0)
-            fresh = None
-            if final_rates is not None:
-                fresh = final_rates > search_rates
-                final_rates = torch.maximum(final_rates, search_rates)
-            resid, ja, jb = _residuals_and_jacobians(module, sig, tim, msk, a, b, step, final_rates,
-                                                     base=resid if fresh is not None else None, fresh=fresh,
-                                                     coarse=two_level)
-            if two_level:  # one solve with the model's own solver, then one Gauss-Newton step on its objective
-                fine = _residuals(module, sig, tim, msk, a, b, final_rates)
-                step_a, step_b = damped_step(fine, ja, jb, a, b, torch.zeros_like(lam))
-                a, b = module.clamp_theta(a + step_a, b + step_b)
-                # Defect correction: the coarse residuals there plus the fine-minus-coarse defect at
-                # the search's mode (smooth in theta), instead of the linear model's prediction.
-                resid = _residuals(module, sig, tim, msk, a, b, final_rates, True) + (fine - resid)
-        parts.append((a, b, (ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), (resid ** 2).sum(-1)))
+        batch = (data.signal[sl].to(dtype), data.times[sl].to(dtype), data.observed[sl, 1:].to(dtype))
+        parts.append(problem.fit(batch, a_all[sl], b_all[sl], n_iter, tol))
+    pri = problem.prior
     a, b, jaa, jab, jbb, sse = (torch.cat(p).double() for p in zip(*parts))
     n_obs = data.observed[:, 1:].double().sum(1) * data.signal.shape[-1]
     if hessian_noise_sd == "least_squares":

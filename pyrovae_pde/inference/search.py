@@ -30,7 +30,7 @@ from ..data.cohort import CohortTensors
 from ..errors import InputError
 from ..model.module import MixturePDE
 from .encoding import GuideSummary
-from .laplace import LaplaceFit, _hessian, _residuals, laplace_evidence
+from .laplace import LaplaceFit, laplace_evidence, posterior_hessian, solve_residuals
 
 # log of the factor on a subject's largest rate that sets the solver's step counts during the
 # search: finite differences and trial points must share the discretisation of their base point.
@@ -91,7 +91,7 @@ def grid_candidates(module: MixturePDE, data: CohortTensors, noise_sd: float, gr
         rep = lambda x: x.repeat_interleave(n_points, 0)  # noqa: E731  (m*P, ...) subject-major
         a = ga.repeat(m)[:, None].expand(-1, k)  # (m*P, K)
         b = gb.repeat(m)[:, None].expand(-1, k)
-        resid = _residuals(module, rep(sig), rep(data.times[sl].float()), rep(data.observed[sl, 1:].float()),
+        resid = solve_residuals(module, rep(sig), rep(data.times[sl].float()), rep(data.observed[sl, 1:].float()),
                            a, b, None, coarse=True)  # (m*P, K, M)
         obj = (0.5 * (resid ** 2).sum(-1) / s2 + 0.5 * ((a - la) / sa) ** 2
                + rate_f * 0.5 * ((b - lb) / sb) ** 2).reshape(m, n_points, k)
@@ -100,6 +100,124 @@ def grid_candidates(module: MixturePDE, data: CohortTensors, noise_sd: float, gr
         best_a[sl] = ga[idx]
         best_b[sl] = torch.where(has_rate, gb[idx], torch.zeros_like(gb[idx]))
     return best_a, best_b, best_obj
+
+
+def _starting_points(problem: "_NewtonSearch", data: CohortTensors, noise_sd: float, grid: bool, grid_size: int,
+                     span: float, start: GuideSummary | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (subject, component)'s start (N, K): the best grid point, or ``start`` where it is better."""
+    module, has_rate = problem.module, problem.has_rate
+    la, sa, lb, sb, _ = problem.prior
+    if grid:
+        a0, b0, obj0 = grid_candidates(module, data, noise_sd, grid_size, span)
+    else:
+        if start is None:
+            raise InputError("search_modes(grid=False) needs a start")
+        return start.d_loc.float(), torch.nan_to_num(start.r_loc.float())
+    if start is not None:  # the encoder's (or an earlier) guess competes with the grid
+        sa_, sb_ = start.d_loc.float(), torch.where(has_rate, torch.nan_to_num(start.r_loc.float()), 0.0)
+        resid = solve_residuals(module, data.signal.float(), data.times.float(), data.observed[:, 1:].float(),
+                                sa_, sb_, None, coarse=True)
+        obj_s = (0.5 * (resid ** 2).sum(-1) / float(noise_sd) ** 2 + 0.5 * ((sa_ - la) / sa) ** 2
+                 + has_rate.float() * 0.5 * ((sb_ - lb) / sb) ** 2)
+        better = obj_s < obj0
+        a0, b0 = torch.where(better, sa_, a0), torch.where(better, sb_, b0)
+    return a0, b0
+
+
+@dataclass(frozen=True)
+class _NewtonSearch:
+    """Levenberg-Marquardt to a Newton-decrement tolerance, batched over (subject, component), with
+    forward-difference Jacobians of the model's own solver at every iterate."""
+
+    module: MixturePDE
+    prior: tuple  # la, sa, lb, sb, rate_f (has_rate as 0/1 in the search's dtype)
+    has_rate: torch.Tensor  # (K,) bool
+    variance: float  # sigma^2
+    step: float  # finite-difference step in log space
+
+    def rates_of(self, b):
+        rate_index = self.module.rate_index
+        return torch.exp(b[:, rate_index]).amax(dim=1) * math.exp(RATE_MARGIN) if rate_index else None
+
+    def objective(self, resid, a, b):
+        la, sa, lb, sb, rate_f = self.prior
+        return (0.5 * (resid ** 2).sum(-1) / self.variance + 0.5 * ((a - la) / sa) ** 2
+                + rate_f * 0.5 * ((b - lb) / sb) ** 2)
+
+    def solve_with_jacobian(self, sig, tim, msk, a, b, rates):
+        step, rate_index = self.step, self.module.rate_index
+        pts_a, pts_b = [a, a + step], [b, b]
+        if rate_index:
+            pts_a.append(a)
+            pts_b.append(b + step)
+        npts = len(pts_a)
+
+        def rep(x):
+            return x.repeat(npts, *([1] * (x.dim() - 1)))
+
+        resid = solve_residuals(self.module, rep(sig), rep(tim), rep(msk), torch.cat(pts_a), torch.cat(pts_b),
+                                rep(rates) if rates is not None else None)
+        resid = resid.reshape(npts, a.shape[0], *resid.shape[1:])
+        ja = (resid[1] - resid[0]) / step
+        jb = (resid[2] - resid[0]) / step if rate_index else torch.zeros_like(ja)
+        return resid[0], ja, jb
+
+    def newton(self, resid, ja, jb, a, b, lam):
+        """LM step (da, db) at damping lam, the gradient and the Newton decrement."""
+        la, sa, lb, sb, rate_f = self.prior
+        s2 = self.variance
+        haa, hab, hbb = posterior_hessian((ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), s2,
+                                          (la, sa, lb, sb), self.has_rate)
+        ga = (ja * resid).sum(-1) / s2 + (a - la) / sa ** 2
+        gb = rate_f * ((jb * resid).sum(-1) / s2 + (b - lb) / sb ** 2)
+        det = haa * hbb - hab ** 2
+        decrement = (hbb * ga ** 2 - 2 * hab * ga * gb + haa * gb ** 2) / det
+        daa, dbb = haa * (1 + lam), hbb * (1 + lam)
+        det_l = daa * dbb - hab ** 2
+        da = -(dbb * ga - hab * gb) / det_l
+        db = -(daa * gb - hab * ga) / det_l * rate_f
+        size = torch.maximum(da.abs(), db.abs()).clamp_min(1.0)  # at most one unit of log per step
+        return da / size, db / size, decrement
+
+    def search(self, batch, a, b, max_iter: int, tolerance: float) -> tuple:
+        """One batch (signal, times, observed mask of later visits) from (a, b) (B, K): returns
+        (a, b, J_aa, J_ab, J_bb, SSE, Newton decrement), each (B, K), and the iterations (B,)."""
+        sig, tim, msk = batch
+        device = a.device
+        m, k = a.shape
+        lam = torch.full_like(a, 1e-3)
+        done = torch.zeros(m, k, dtype=torch.bool, device=device)
+        decrement = torch.full_like(a, math.inf)
+        iters = torch.zeros(m, dtype=torch.long, device=device)
+        rows = torch.arange(m, device=device)
+        for it in range(max_iter + 1):
+            active = rows[~done.all(dim=1)]
+            if active.numel() == 0:
+                break
+            ra, rb = a[active], b[active]
+            rates = self.rates_of(rb)
+            r0, ja_, jb_ = self.solve_with_jacobian(sig[active], tim[active], msk[active], ra, rb, rates)
+            da, db, dec = self.newton(r0, ja_, jb_, ra, rb, lam[active])
+            decrement[active] = dec
+            newly_done = dec < tolerance
+            done[active] = done[active] | newly_done
+            if it == max_iter:
+                break
+            iters[active] += 1
+            obj = self.objective(r0, ra, rb)
+            ta, tb = self.module.clamp_theta(ra + da, rb + db)
+            r1 = solve_residuals(self.module, sig[active], tim[active], msk[active], ta, tb, rates)
+            better = (self.objective(r1, ta, tb) < obj) & ~newly_done
+            a[active] = torch.where(better, ta, ra)
+            b[active] = torch.where(better, tb, rb)
+            lam[active] = torch.where(better, (lam[active] / 5).clamp_min(1e-6), lam[active] * 10)
+            # LM with a huge damping makes no progress: the point is as good as this model gets
+            stuck = lam[active] > 1e8
+            done[active] = done[active] | stuck
+        # Final residuals and Jacobians at the modes, with the discretisation of the final rates.
+        resid, ja, jb = self.solve_with_jacobian(sig, tim, msk, a, b, self.rates_of(b))
+        return (a, b, (ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), (resid ** 2).sum(-1),
+                decrement, iters)
 
 
 def search_modes(module: MixturePDE, data: CohortTensors, noise_sd: float, grid_size: int = 7,
@@ -122,106 +240,17 @@ def search_modes(module: MixturePDE, data: CohortTensors, noise_sd: float, grid_
     Subjects without later visits converge to the prior's centre (their evidence is 0).
     """
     device = data.signal.device
-    n, k = data.n_subjects, module.n_components
-    has_rate = torch.zeros(k, dtype=torch.bool, device=device)
+    has_rate = torch.zeros(module.n_components, dtype=torch.bool, device=device)
     has_rate[module.rate_index] = True
-    la, sa, lb, sb, rate_f = _prior_terms(module, has_rate, dtype)
-    if grid:
-        a0, b0, obj0 = grid_candidates(module, data, noise_sd, grid_size, span)
-    else:
-        if start is None:
-            raise InputError("search_modes(grid=False) needs a start")
-        a0, b0, obj0 = start.d_loc.float(), torch.nan_to_num(start.r_loc.float()), None
-    if start is not None and grid:  # the encoder's (or an earlier) guess competes with the grid
-        sa_, sb_ = start.d_loc.float(), torch.where(has_rate, torch.nan_to_num(start.r_loc.float()), 0.0)
-        resid = _residuals(module, data.signal.float(), data.times.float(), data.observed[:, 1:].float(),
-                           sa_, sb_, None, coarse=True)
-        obj_s = (0.5 * (resid ** 2).sum(-1) / float(noise_sd) ** 2 + 0.5 * ((sa_ - la) / sa) ** 2
-                 + has_rate.float() * 0.5 * ((sb_ - lb) / sb) ** 2)
-        better = obj_s < obj0
-        a0, b0 = torch.where(better, sa_, a0), torch.where(better, sb_, b0)
-    step = step if step is not None else (1e-4 if dtype == torch.float64 else 1e-2)
-    s2 = float(noise_sd) ** 2
+    problem = _NewtonSearch(module, _prior_terms(module, has_rate, dtype), has_rate, float(noise_sd) ** 2,
+                            step if step is not None else (1e-4 if dtype == torch.float64 else 1e-2))
+    a0, b0 = _starting_points(problem, data, noise_sd, grid, grid_size, span, start)
     bs = batch_size or _batch_size(module, data, 3, 4e6)
-    rate_index = module.rate_index
-
-    def rates_of(b):
-        return torch.exp(b[:, rate_index]).amax(dim=1) * math.exp(RATE_MARGIN) if rate_index else None
-
-    def objective(resid, a, b):
-        return (0.5 * (resid ** 2).sum(-1) / s2 + 0.5 * ((a - la) / sa) ** 2
-                + rate_f * 0.5 * ((b - lb) / sb) ** 2)
-
-    def solve_with_jacobian(sig, tim, msk, a, b, rates):
-        pts_a, pts_b = [a, a + step], [b, b]
-        if rate_index:
-            pts_a.append(a)
-            pts_b.append(b + step)
-        npts = len(pts_a)
-        rep = lambda x: x.repeat(npts, *([1] * (x.dim() - 1)))  # noqa: E731
-        resid = _residuals(module, rep(sig), rep(tim), rep(msk), torch.cat(pts_a), torch.cat(pts_b),
-                           rep(rates) if rates is not None else None)
-        resid = resid.reshape(npts, a.shape[0], *resid.shape[1:])
-        ja = (resid[1] - resid[0]) / step
-        jb = (resid[2] - resid[0]) / step if rate_index else torch.zeros_like(ja)
-        return resid[0], ja, jb
-
-    def newton(resid, ja, jb, a, b, lam):
-        """LM step (da, db) at damping lam, the gradient and the Newton decrement."""
-        haa, hab, hbb = _hessian((ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), s2, (la, sa, lb, sb),
-                                 has_rate)
-        ga = (ja * resid).sum(-1) / s2 + (a - la) / sa ** 2
-        gb = rate_f * ((jb * resid).sum(-1) / s2 + (b - lb) / sb ** 2)
-        det = haa * hbb - hab ** 2
-        decrement = (hbb * ga ** 2 - 2 * hab * ga * gb + haa * gb ** 2) / det
-        daa, dbb = haa * (1 + lam), hbb * (1 + lam)
-        det_l = daa * dbb - hab ** 2
-        da = -(dbb * ga - hab * gb) / det_l
-        db = -(daa * gb - hab * ga) / det_l * rate_f
-        size = torch.maximum(da.abs(), db.abs()).clamp_min(1.0)  # at most one unit of log per step
-        return da / size, db / size, decrement
-
     parts = []
-    for begin in range(0, n, bs):
+    for begin in range(0, data.n_subjects, bs):
         sl = slice(begin, begin + bs)
-        sig, tim = data.signal[sl].to(dtype), data.times[sl].to(dtype)
-        msk = data.observed[sl, 1:].to(dtype)
-        a, b = a0[sl].to(dtype), b0[sl].to(dtype)
-        m = a.shape[0]
-        lam = torch.full_like(a, 1e-3)
-        done = torch.zeros(m, k, dtype=torch.bool, device=device)
-        decrement = torch.full_like(a, math.inf)
-        iters = torch.zeros(m, dtype=torch.long, device=device)
-        resid = ja = jb = None
-        rows = torch.arange(m, device=device)
-        for it in range(max_iter + 1):
-            active = rows[~done.all(dim=1)]
-            if active.numel() == 0:
-                break
-            ra, rb = a[active], b[active]
-            rates = rates_of(rb)
-            r0, ja_, jb_ = solve_with_jacobian(sig[active], tim[active], msk[active], ra, rb, rates)
-            da, db, dec = newton(r0, ja_, jb_, ra, rb, lam[active])
-            decrement[active] = dec
-            newly_done = dec < tolerance
-            done[active] = done[active] | newly_done
-            if it == max_iter:
-                break
-            iters[active] += 1
-            obj = objective(r0, ra, rb)
-            ta, tb = module.clamp_theta(ra + da, rb + db)
-            r1 = _residuals(module, sig[active], tim[active], msk[active], ta, tb, rates)
-            better = (objective(r1, ta, tb) < obj) & ~newly_done
-            a[active] = torch.where(better, ta, ra)
-            b[active] = torch.where(better, tb, rb)
-            lam[active] = torch.where(better, (lam[active] / 5).clamp_min(1e-6), lam[active] * 10)
-            # LM with a huge damping makes no progress: the point is as good as this model gets
-            stuck = lam[active] > 1e8
-            done[active] = done[active] | stuck
-        # Final residuals and Jacobians at the modes, with the discretisation of the final rates.
-        resid, ja, jb = solve_with_jacobian(sig, tim, msk, a, b, rates_of(b))
-        parts.append((a, b, (ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), (resid ** 2).sum(-1),
-                      decrement, iters))
+        batch = (data.signal[sl].to(dtype), data.times[sl].to(dtype), data.observed[sl, 1:].to(dtype))
+        parts.append(problem.search(batch, a0[sl].to(dtype), b0[sl].to(dtype), max_iter, tolerance))
     a, b, jaa, jab, jbb, sse, decrement, iters = (torch.cat(p) for p in zip(*parts))
     a, b, jaa, jab, jbb, sse = (t.double() for t in (a, b, jaa, jab, jbb, sse))
     n_obs = data.observed[:, 1:].double().sum(1) * data.signal.shape[-1]

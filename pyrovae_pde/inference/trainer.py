@@ -1,0 +1,219 @@
+"""One fit of one module (one restart): the warm-up on simulated subjects, the least-squares pass
+(global mode search, EM for the population priors and weights, noise from the pooled residual,
+encoder distillation), and the epochs' wake, distillation and sleep steps. ``train.train`` drives
+restarts, roll-backs, stopping and checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data.cohort import CohortTensors
+from ..model.module import NOISE_FLOOR, MixturePDE, RefinedPosterior
+from .encoding import encode_cohort
+from .laplace import LaplaceFit, laplace_evidence, pooled_residual_variance
+from .objective import evaluate_elbo, finite_grads, modes_as_start, noise_sd, refine, trace_elbo
+from .population import Population, em_population
+from .search import search_modes
+from .train_config import TrainConfig, split_indices
+
+
+class Trainer:
+    """One fit of one module (one restart); ``train`` drives restarts and checkpoints."""
+
+    def __init__(self, module: MixturePDE, data: CohortTensors, config: TrainConfig, device: torch.device):
+        self.module, self.config, self.device = module, config, device
+        split_seed = config.seed if config.split_seed is None else config.split_seed
+        train_idx, val_idx = split_indices(data.n_subjects, config.validation_fraction, split_seed)
+        self.train_data, self.val_data = data.subset(train_idx), data.subset(val_idx)
+        self.n_train = self.train_data.n_subjects
+        semi = config.guide == "semi-amortized"
+        # Semi-amortized, the mixture weights are set by EM from the evidences (see update_population):
+        # inside the ELBO, with every component's q_k a component-conditional posterior, the
+        # enumerated responsibilities compare likelihoods at draws instead of evidences, which
+        # favours the more flexible mechanisms.
+        wake_params = [module.noise_loc, module.noise_scale_raw] if semi else list(module.parameters())
+        self.wake_opt = torch.optim.Adam(wake_params, lr=config.learning_rate)
+        self.encoder_opt = torch.optim.Adam(module.encoder.parameters(), lr=config.encoder_learning_rate)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.elbo = trace_elbo()
+        self.train_modes: torch.Tensor | None = None  # (N_train, K, 2) last modes
+        self.val_modes: torch.Tensor | None = None
+        self.last_fit: LaplaceFit | None = None  # the training subjects' Laplace fits of the last epoch
+
+    # ------------------------------------------------------------------ steps
+    def _apply(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params) -> bool:
+        """Backward and step if everything is finite; False (nothing changed) otherwise."""
+        if not torch.isfinite(loss):
+            return False
+        optimizer.zero_grad()
+        loss.backward()
+        if not finite_grads(params):
+            optimizer.zero_grad()
+            return False
+        torch.nn.utils.clip_grad_norm_(params, self.config.clip_norm)
+        optimizer.step()
+        return True
+
+    def sleep_step(self) -> bool:
+        c, m, d = self.config, self.module, self.train_data
+        pick = torch.randint(self.n_train, (c.sleep_batch_size,), generator=self.generator).to(self.device)
+        noise = torch.exp(m.noise_loc.detach())
+        try:
+            loss = m.sleep_loss(d.signal[pick, 0], d.times[pick], d.observed[pick], noise)
+        except ValueError:  # a distribution validated non-finite parameters
+            return False
+        return self._apply(loss, self.encoder_opt, list(m.encoder.parameters()))
+
+    def distill_step(self, idx: torch.Tensor, refined: RefinedPosterior) -> bool:
+        d = self.train_data
+        loss = self.module.distillation_loss(d.signal[idx], d.times[idx], d.observed[idx], refined)
+        return self._apply(loss, self.encoder_opt, list(self.module.encoder.parameters()))
+
+    def wake_step(self, idx: torch.Tensor, refined: RefinedPosterior | None) -> float:
+        d = self.train_data
+        params = [p for group in self.wake_opt.param_groups for p in group["params"]]
+        try:
+            loss = self.elbo.differentiable_loss(self.module.model, self.module.guide, d.signal[idx], d.times[idx],
+                                                 d.observed[idx], idx, self.n_train, refined=refined)
+        except ValueError:  # Pyro's validation of a distribution that received NaN/inf
+            return math.nan
+        value = float(loss.detach())
+        return value if self._apply(loss, self.wake_opt, params) else math.nan
+
+    # ------------------------------------------------------------------ phases
+    def warm_up(self) -> None:
+        c = self.config
+        bar = tqdm(range(c.warmup_sleep_steps), desc="warm-up (simulated subjects)", unit="step",
+                   disable=not c.progress, leave=False)
+        for _ in bar:
+            self.sleep_step()
+        bar.close()
+
+    def least_squares_pass(self) -> None:
+        """Modes of every subject by global search; noise and weights from them; distillation."""
+        c, m = self.config, self.module
+        data = self._all()
+        with torch.no_grad():
+            guide = encode_cohort(m, data)
+        sd = math.sqrt(m.priors.noise_median ** 2 + NOISE_FLOOR ** 2)
+        search = search_modes(m, data, sd, grid_size=c.search_grid, start=guide, dtype=data.signal.dtype,
+                              tolerance=1e-2, max_iter=8)
+        n_tr = self.n_train
+        variance = max(pooled_residual_variance(search.sse[:n_tr], search.n_obs[:n_tr]) or sd ** 2, NOISE_FLOOR ** 2)
+        # The population priors and weights by EM on the Laplace approximations at the data's noise
+        # (no solves), then a local search under them.
+        cov, log_evidence = laplace_evidence(search.mean[..., 0], search.mean[..., 1], *search.jtj.unbind(-1),
+                                             search.sse, search.n_obs, variance,
+                                             m.prior_terms(torch.float64, search.mean.device), search.has_rate)
+        search = dataclasses.replace(search, cov=cov, log_evidence=log_evidence)
+        self.update_population(search, variance, update_weights=True, n_iter=50)
+        sd = math.sqrt(variance)
+        search = search_modes(m, data, sd, start=modes_as_start(search.mean.to(data.signal.dtype)), grid=False,
+                              dtype=data.signal.dtype, tolerance=1e-2, max_iter=4)
+        variance = pooled_residual_variance(search.sse[:n_tr], search.n_obs[:n_tr]) or variance
+        weights = self.update_population(search, sd ** 2, update_weights=True, n_iter=20)
+        noise = math.sqrt(max(variance - NOISE_FLOOR ** 2, 1e-8))
+        # The posterior sd of log(noise) from n observed values is about 1 / sqrt(2 n).
+        n_values = float(search.n_obs[:n_tr].sum())
+        log_sd = 1.0 / math.sqrt(2.0 * max(n_values, 1.0))
+        with torch.no_grad():
+            m.noise_loc.fill_(math.log(noise))
+            m.noise_scale_raw.fill_(math.log(math.expm1(max(log_sd - 1e-4, 1e-6))))
+        modes = search.mean.to(data.signal.dtype)
+        self.train_modes, self.val_modes = modes[:n_tr].clone(), modes[n_tr:].clone()
+        self.last_fit = search
+        self.initial_noise, self.initial_weights = noise, weights.tolist()
+        if c.guide != "semi-amortized" or not c.distill_steps:
+            return
+        refined = RefinedPosterior(search.mean.to(data.signal.dtype)[:n_tr], search.cov.to(data.signal.dtype)[:n_tr])
+        bar = tqdm(range(c.distill_steps), desc="encoder on the modes", unit="step", disable=not c.progress,
+                   leave=False)
+        for _ in bar:
+            idx = torch.randint(n_tr, (min(c.batch_size, n_tr),), generator=self.generator).to(self.device)
+            self.distill_step(idx, RefinedPosterior(refined.loc[idx], refined.cov[idx]))
+        bar.close()
+
+    def update_population(self, fit: LaplaceFit, variance: float, weights: torch.Tensor | None = None,
+                          update_weights: bool = False, n_iter: int = 10) -> torch.Tensor:
+        """EM step(s) of the population priors from the training subjects' Laplace approximations
+        ``fit`` (the first ``n_train`` rows; made under the module's current population prior at
+        observation variance ``variance``); returns the mixture weights used (updated if asked)."""
+        m = self.module
+        n_tr = self.n_train
+        if weights is None:
+            with torch.no_grad():
+                conc = m.weights_concentration().double()
+            weights = conc / conc.sum()
+        current = Population(m.population_loc.double(), m.population_scale.double())
+        pop, weights, resp, _ = em_population(fit.mean[:n_tr], fit.jtj[:n_tr], variance, fit.log_evidence[:n_tr],
+                                              current, m.priors, fit.has_rate, weights=weights.to(fit.mean.device),
+                                              n_iter=n_iter, update_weights=update_weights,
+                                              update_population=self.config.learn_population)
+        with torch.no_grad():
+            m.population_loc.copy_(pop.loc.to(m.population_loc))
+            m.population_scale.copy_(pop.scale.to(m.population_scale))
+            m.population_learned.fill_(self.config.learn_population)
+            if update_weights:  # q(w) = Dirichlet(c + sum_i p(subtype_i = k | x_i)): the collapsed model's update
+                m.weights_log_concentration.copy_(torch.log(m.priors.weights_concentration + resp.sum(0)).to(
+                    m.weights_log_concentration))
+        return weights
+
+    def _all(self) -> CohortTensors:
+        t, v = self.train_data, self.val_data
+        return CohortTensors(t.subjects + v.subjects, torch.cat([t.signal, v.signal]), torch.cat([t.times, v.times]),
+                             torch.cat([t.observed, v.observed]))
+
+    def epoch(self, epoch: int) -> dict:
+        c, d = self.config, self.train_data
+        semi = c.guide == "semi-amortized"
+        self.generator.manual_seed(c.seed + 7919 * (epoch + 1))  # per epoch, so resuming repeats it exactly
+        perm = torch.randperm(self.n_train, generator=self.generator)
+        losses, skipped, steps, fits = [], 0, 0, []
+        variance = noise_sd(self.module) ** 2  # the refinements' noise: the globals change within the epoch
+        for step, start in enumerate(range(0, self.n_train, c.batch_size)):
+            idx = perm[start:start + c.batch_size].to(self.device)
+            refined = None
+            if semi:
+                refined, fit = refine(self.module, d.subset(idx.cpu()).to(self.device), self.train_modes[idx],
+                                      n_iter=c.refine_iterations)
+                self.train_modes[idx] = refined.loc.detach()
+                fits.append((idx, fit))
+            loss = self.wake_step(idx, refined)
+            steps += 1
+            if math.isfinite(loss):
+                losses.append(loss / self.n_train)
+            else:
+                skipped += 1
+            if semi:
+                self.distill_step(idx, refined)
+            if c.sleep_every and step % c.sleep_every == 0:
+                self.sleep_step()
+        record = {"epoch": epoch, "train_elbo": -float(np.mean(losses)) if losses else math.nan,
+                  "skipped_steps": skipped, "steps": steps}
+        if semi and fits:  # the M-step of the population priors from this epoch's Laplace approximations
+            order = torch.cat([i for i, _ in fits]).argsort()
+            joined = LaplaceFit(*(torch.cat([getattr(f, name) for _, f in fits])[order] if name != "has_rate"
+                                  else fits[0][1].has_rate for name in ("mean", "cov", "log_evidence", "sse", "n_obs",
+                                                                       "has_rate", "jtj")))
+            if bool(torch.isfinite(joined.mean).all() & torch.isfinite(joined.log_evidence).all()):
+                self.update_population(joined, variance, update_weights=True)
+                self.last_fit = joined
+            record["population_loc"] = self.module.population_loc.tolist()
+            record["population_scale"] = self.module.population_scale.tolist()
+        data = self.val_data if self.val_data.n_subjects else d
+        if semi:
+            modes = self.val_modes if self.val_data.n_subjects else self.train_modes
+            refined, _ = refine(self.module, data, modes, n_iter=c.refine_iterations)
+            if self.val_data.n_subjects:
+                self.val_modes = refined.loc.detach()
+        else:
+            refined = None
+        value, se = evaluate_elbo(self.module, data, refined, n_draws=c.validation_draws, seed=c.seed + 1)
+        record["val_elbo"], record["val_elbo_se"] = value, se
+        if semi:  # the encoder's own guide, on the same subjects: how good the amortized guess is
+            record["val_elbo_amortized"] = evaluate_elbo(self.module, data, None, n_draws=1, seed=c.seed + 2)[0]
+        return record
