@@ -54,8 +54,7 @@ def run_one(cfg: dict, repeats: int, folds: int, draws: int) -> dict:
     import torch
 
     from pyrovae_pde.data import simulate
-    from pyrovae_pde.inference.comparison import FittedRun, compare_models
-    from pyrovae_pde.interfaces.api import SubtypeModel
+    from pyrovae_pde.interfaces.api import SubtypeModel, compare
 
     s = SETTINGS[cfg["benchmark"]]
     a, b = s["mechanisms"]
@@ -71,9 +70,9 @@ def run_one(cfg: dict, repeats: int, folds: int, draws: int) -> dict:
             start = time.perf_counter()
             model = SubtypeModel(name, priors=priors).fit(ds, seed=r, progress=False)
             fit_seconds += time.perf_counter() - start
-            runs.setdefault(name, []).append(FittedRun(model.module_, model._tensors(ds, "bench"), model.converged_, r))
+            runs.setdefault(name, []).append(model)
     start = time.perf_counter()
-    result = compare_models(runs, n_draws=draws, seed=0, folds=folds)
+    result = compare(runs, ds, n_draws=draws, seed=0, folds=folds, source="bench")
     compare_seconds = time.perf_counter() - start
     table = result.table.set_index("model")
     models = {}

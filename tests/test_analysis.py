@@ -16,13 +16,12 @@ import torch
 from pyrovae_pde.data import save_dataset, simulate
 from pyrovae_pde.inference import evidence as ev
 from pyrovae_pde.inference import marginal, particles
-from pyrovae_pde.inference.arviz_export import from_dict, to_inference_data
-from pyrovae_pde.inference.comparison import COMPARISON_COLUMNS, FittedRun, compare_models
-from pyrovae_pde.inference.forecast import band_coverage, forecast, hold_out_last_visit
-from pyrovae_pde.inference.ppc import posterior_predictive_check
-from pyrovae_pde.interfaces.api import ModelError, SubtypeModel
+from pyrovae_pde.inference.arviz_export import from_dict
+from pyrovae_pde.inference.comparison import COMPARISON_COLUMNS
+from pyrovae_pde.inference.forecast import band_coverage, hold_out_last_visit
+from pyrovae_pde.interfaces.api import ModelError, SubtypeModel, compare
 from pyrovae_pde.interfaces.cli import main
-from pyrovae_pde.model.module import NOISE_FLOOR
+from pyrovae_pde.model.likelihood import NOISE_FLOOR
 
 GRAPH_PRIORS = {"diffusivity": (0.05, 1.0), "reaction": (0.1, 1.0)}
 MIX = "fisher_kpp,diffusion"
@@ -38,8 +37,7 @@ def _fit(components: str, ds, seed: int = 0) -> SubtypeModel:
 
 
 def _compare(models: dict, ds):
-    runs = {name: [FittedRun(m.module_, m._tensors(ds, "test"), m.converged_)] for name, m in models.items()}
-    return compare_models(runs, n_draws=200, seed=0)
+    return compare(models, ds, n_draws=200, seed=0, source="test")
 
 
 def _fit_all(ds) -> dict[str, SubtypeModel]:
@@ -124,7 +122,7 @@ def test_pointwise_marginal_matches_brute_force():
 def test_particle_likelihood_matches_the_model(mix_data, mix_models):
     """The sufficient statistics reproduce MixturePDE.log_likelihood_components exactly."""
     model = mix_models[MIX]
-    data = model._tensors(mix_data[1], "mix").subset(np.arange(6)).to("cpu", torch.float64)
+    data = model.tensors(mix_data[1], "mix").subset(np.arange(6)).to("cpu", torch.float64)
     stats = particles.particle_stats(model.module_, data, n_particles=3, seed=2, proposal="guide")
     noise = torch.tensor(0.03, dtype=torch.float64)
     for p in range(3):
@@ -138,7 +136,7 @@ def test_particle_likelihood_matches_the_model(mix_data, mix_models):
 def test_evidence_repeats_agree_within_their_standard_errors(mix_data, mix_models):
     """Independent particles and draws (seeds 0, 1): estimates differ by less than 3 combined SE."""
     module = mix_models[MIX].module_
-    data = mix_models[MIX]._tensors(mix_data[1], "mix")
+    data = mix_models[MIX].tensors(mix_data[1], "mix")
     a, b = (ev.model_evidence(module, data, method="importance", n_particles=32, n_draws=200, seed=s,
                               elbo_repeats=0) for s in (0, 1))
     assert abs(a.log_evidence - b.log_evidence) < 3 * math.hypot(a.log_evidence_se, b.log_evidence_se)
@@ -222,7 +220,7 @@ def test_subset_evidence_paper_grid_ranks_generating_pair_first():
     ds = simulate("paper-grid", 60, seed=0, noise_sd=0.02, components=("fisher_kpp", "zeldovich"))
     model = SubtypeModel(["fisher_kpp", "saturating", "zeldovich"])
     model.fit(ds, progress=False, seed=0, warmup_sleep_steps=50, distill_steps=50)
-    table = ev.subset_evidence(model.module_, model._tensors(ds, "grid"), n_draws=200)
+    table = ev.subset_evidence(model.module_, model.tensors(ds, "grid"), n_draws=200)
     assert table.iloc[0]["subset"] == "fisher_kpp,zeldovich"
     assert len(table) == 7
 
@@ -237,7 +235,7 @@ def test_inference_data_groups_dims_and_arviz_functions(tmp_path, mix_data, mix_
     from pyrovae_pde.inference.arviz_export import save_inference_data
 
     train = mix_data[1]
-    idata = to_inference_data(mix_models[MIX], train, n_draws=100, n_particles=16, seed=0, elbo_repeats=1)
+    idata = mix_models[MIX].to_inference_data(train, n_draws=100, n_particles=16, seed=0, elbo_repeats=1)
     for group in ("posterior", "posterior_predictive", "log_likelihood", "observed_data"):
         assert group in idata.groups()
     post = idata.posterior
@@ -283,7 +281,7 @@ def ppc_results(mix_data, mix_models, kpp_data, kpp_models):
     out = {}
     for label, data, models in (("mix", mix_data[1], mix_models), ("kpp", kpp_data, kpp_models)):
         for name, model in models.items():
-            out[label, name] = posterior_predictive_check(model, data, n_draws=200, n_particles=32, seed=0)
+            out[label, name] = model.check(data, n_draws=200, n_particles=32, seed=0)
     return out
 
 
@@ -336,7 +334,7 @@ def test_posterior_draws_follow_subtype_posterior_not_prior(mix_comparison, mix_
 @pytest.fixture(scope="module")
 def mix_forecast(mix_data, mix_models):
     _, train, held_t, _ = mix_data
-    return forecast(mix_models[MIX], train, held_t[:, None], n_draws=200, n_particles=32, seed=0)
+    return mix_models[MIX].forecast(train, held_t[:, None], n_draws=200, n_particles=32, seed=0)
 
 
 def test_forecast_band_covers_held_out_visits(mix_data, mix_forecast):
@@ -363,7 +361,7 @@ def test_forecast_dataset_structure(mix_data, mix_forecast):
 def test_forecast_shared_times_and_errors(mix_data, mix_models):
     model, train = mix_models[MIX], mix_data[1]
     subjects = [str(s) for s in train["subject"].values[:3]]
-    fc = forecast(model, train, [5.0, 8.0], n_draws=50, n_particles=8, subjects=subjects)
+    fc = model.forecast(train, [5.0, 8.0], n_draws=50, n_particles=8, subjects=subjects)
     assert list(fc["time"].values) == [5.0, 8.0] and list(fc["subject"].values) == subjects
     # bands widen with the horizon
     width = (fc["q95"] - fc["q05"]).mean(("subject", "node"))
@@ -373,17 +371,17 @@ def test_forecast_shared_times_and_errors(mix_data, mix_models):
     times[1] += 4.0
     late["time"] = (("subject", "visit"), times)
     with pytest.raises(ModelError, match=r"subject 'sub-0001'.*before its first visit"):
-        forecast(model, late, [3.0], n_draws=10, n_particles=4)
+        model.forecast(late, [3.0], n_draws=10, n_particles=4)
     with pytest.raises(ModelError, match="no subject 'nobody'"):
-        forecast(model, train, [3.0], subjects=["nobody"])
+        model.forecast(train, [3.0], subjects=["nobody"])
     with pytest.raises(ModelError, match="times must be"):
-        forecast(model, train, np.ones((2, 2)), n_draws=10, n_particles=4)
+        model.forecast(train, np.ones((2, 2)), n_draws=10, n_particles=4)
 
 
 def test_forecast_on_grid_is_full_grid_with_zeros_outside_mask():
     ds = simulate("paper-grid", 6, seed=3, noise_sd=0.02)
     model = SubtypeModel(["fisher_kpp", "zeldovich"]).fit(ds, epochs=1, progress=False, warmup_sleep_steps=0)
-    fc = forecast(model, ds, [30.0], n_draws=20, n_particles=4)
+    fc = model.forecast(ds, [30.0], n_draws=20, n_particles=4)
     assert fc["q95"].dims == ("subject", "time", "y", "x")
     assert fc["q95_by_subtype"].dims == ("subject", "time", "subtype", "y", "x")
     outside = ds["mask"].values == 0

@@ -52,3 +52,19 @@ print(matplotlib.get_backend())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "svg"
     assert (tmp_path / "cmp.png").stat().st_size > 1000
+
+
+def test_an_unknown_solver_option_names_the_settings():
+    import torch
+
+    from pyrovae_pde.physics import GraphDomain, SolverSettings, solve
+
+    domain = GraphDomain(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    args = (torch.rand(1, 2, dtype=torch.float64), torch.tensor([[0.0, 1.0]], dtype=torch.float64),
+            torch.tensor([[0.5]], dtype=torch.float64), torch.tensor([[0.5]], dtype=torch.float64))
+    with pytest.raises(errors.SolverInputError, match="unknown solver option 'reaction_stepp'.*reaction_step"):
+        solve(domain, *args, reaction_stepp=0.1)
+    # settings and keyword options agree
+    a = solve(domain, *args, settings=SolverSettings(reaction_step=0.1))
+    b = solve(domain, *args, reaction_step=0.1)
+    assert torch.equal(a, b)

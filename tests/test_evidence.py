@@ -12,13 +12,13 @@ import torch
 from pyrovae_pde.data import cohort_tensors, domain_from_dataset, save_dataset, simulate
 from pyrovae_pde.data.cohort import CohortTensors
 from pyrovae_pde.inference.evidence import model_evidence
-from pyrovae_pde.inference.laplace import LOG_2PI
 from pyrovae_pde.inference.marginal import GlobalSpace, iwae_log_evidence, laplace_globals
 from pyrovae_pde.inference.particles import quadrature_stats
 from pyrovae_pde.inference.quadrature import DTYPE, log_prior, node_sse, quadrature_nodes
 from pyrovae_pde.inference.search import search_modes
 from pyrovae_pde.interfaces.api import SubtypeModel
 from pyrovae_pde.interfaces.cli import main
+from pyrovae_pde.model.likelihood import LOG_2PI
 from pyrovae_pde.model.module import MixturePDE
 from pyrovae_pde.model.priors import LogNormalPrior, Priors
 
@@ -109,7 +109,7 @@ def test_evidence_does_not_depend_on_the_encoder():
     ds = simulate("graph", 40, seed=8, noise_sd=0.02)
     model = SubtypeModel(("diffusion", "fisher_kpp"), priors={"diffusivity": (0.05, 1.0), "reaction": (0.1, 1.0)})
     model.fit(ds, progress=False, seed=0, warmup_sleep_steps=50, distill_steps=50)
-    data = model._tensors(ds, "test")
+    data = model.tensors(ds, "test")
     trained = model_evidence(model.module_, data, n_draws=200, seed=0, elbo_repeats=0)
     with torch.random.fork_rng():
         torch.manual_seed(123)
@@ -170,7 +170,7 @@ def test_a_component_no_subject_uses_gives_a_finite_evidence():
     model = SubtypeModel("fisher_kpp,diffusion", priors={"diffusivity": (0.05, 1.0), "reaction": (0.1, 1.0)})
     model.fit(ds, seed=0, progress=False)
     with torch.no_grad():
-        stats = quadrature_stats(model.module_, model._tensors(ds, "test"))
+        stats = quadrature_stats(model.module_, model.tensors(ds, "test"))
     estimates = []
     for seed in (0, 1):
         draws = laplace_globals(stats, model.module_, n_draws=400, seed=seed)

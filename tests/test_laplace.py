@@ -123,8 +123,8 @@ def test_importance_sampled_posterior_matches_brute_force_integration(cohort):
     """``n_particles`` > 0: the Laplace approximation as proposal, reweighted by the exact posterior;
     its quantiles of D and its evidence must match a fine grid over (log D, log r)."""
     from pyrovae_pde.inference.laplace import pooled_residual_variance
-    from pyrovae_pde.inference.particles import observation_sd
     from pyrovae_pde.inference.posterior import global_means, posterior_dataset
+    from pyrovae_pde.model.likelihood import observation_sd
 
     _, module, data = cohort
     post = posterior_dataset(module, data, n_particles=4000, seed=0)

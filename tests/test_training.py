@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pyrovae_pde.data import cohort_tensors, domain_from_dataset, save_dataset, simulate
+from pyrovae_pde.inference.objective import evaluate_elbo, refine
 from pyrovae_pde.inference.population import Population, em_population, reweight_laplace
 from pyrovae_pde.inference.search import search_modes
-from pyrovae_pde.inference.objective import evaluate_elbo, refine
 from pyrovae_pde.inference.train import TrainConfig, train
 from pyrovae_pde.interfaces.api import SubtypeModel
 from pyrovae_pde.interfaces.cli import main
@@ -27,7 +27,7 @@ QUICK = dict(progress=False, warmup_sleep_steps=50, distill_steps=50)
 def _elbo_per_subject(model: SubtypeModel, ds) -> float:
     """The fitted model's ELBO per subject on ``ds`` under its semi-amortized guide (16 draws)."""
     module = model.module_
-    data = model._tensors(ds, "test")
+    data = model.tensors(ds, "test")
     refined, _ = refine(module, data, n_iter=6)
     return evaluate_elbo(module, data, refined, n_draws=16, seed=5)[0]
 

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import xarray as xr
 
+from ..data.cohort import CohortTensors
 from ..errors import InputError
+from ..model.likelihood import observation_sd
+from ..model.module import MixturePDE
 from .evidence import ModelEvidence, model_evidence
-from .particles import observation_sd
 
 
 def arviz_major() -> int:
@@ -79,16 +80,16 @@ def replicate_signal(evidence: ModelEvidence, data, posterior, seed: int = 0) ->
     return rep.numpy()
 
 
-def to_inference_data(model, ds: xr.Dataset, n_draws: int = 100, n_particles: int = 32, seed: int = 0,
-                      evidence: ModelEvidence | None = None, predictive: bool = True, elbo_repeats: int = 4,
-                      source: str = "<dataset>"):
-    """An InferenceData (arviz 0.x) / DataTree (arviz 1.x) of a fitted ``SubtypeModel`` on ``ds``.
+def to_inference_data(module: MixturePDE, data: CohortTensors, n_draws: int = 100, n_particles: int = 32,
+                      seed: int = 0, evidence: ModelEvidence | None = None, predictive: bool = True,
+                      elbo_repeats: int = 4, space_coords: dict[str, np.ndarray] | None = None):
+    """An InferenceData (arviz 0.x) / DataTree (arviz 1.x) of a fitted module on the cohort ``data``.
 
-    ``evidence``: a precomputed ``model_evidence`` (with ``keep_fields=True`` when
+    ``evidence``: a precomputed ``model_evidence`` on ``data`` (with ``keep_fields=True`` when
     ``predictive``); otherwise computed here with ``n_particles`` particles and ``n_draws`` draws.
+    ``space_coords``: the cohort file's spatial coordinates (``{"node": names}`` on a graph, whose
+    names label ``node``; default 0..n-1); on grids ``node`` is the flat index of the active voxels.
     """
-    module = model._require_fitted()
-    data = model._tensors(ds, source)
     if evidence is None:
         evidence = model_evidence(module, data, method="importance", n_particles=n_particles, n_draws=n_draws,
                                   seed=seed, keep_fields=predictive, elbo_repeats=elbo_repeats)
@@ -103,12 +104,12 @@ def to_inference_data(model, ds: xr.Dataset, n_draws: int = 100, n_particles: in
     reaction = stats.reaction[post.particle, idx_s, idx_k][..., rate]  # (G, N, K_r)
 
     subjects = np.array(data.subjects, dtype=object)
-    domain = model.domain_
+    domain = module.domain
+    names = (space_coords or {}).get("node")
     if domain.kind == "grid":
         nodes = np.asarray(domain.active_index, dtype=np.int64)
     else:
-        nodes = np.array([str(v) for v in ds["node"].values], dtype=object) if "node" in ds.coords \
-            else np.arange(domain.n_nodes)
+        nodes = np.array([str(v) for v in names], dtype=object) if names is not None else np.arange(domain.n_nodes)
     n_visits = data.signal.shape[1]
     coords = {"subject": subjects, "component": np.array(components, dtype=object),
               "rate_component": np.array([components[k] for k in rate], dtype=object),

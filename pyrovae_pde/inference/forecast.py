@@ -13,16 +13,17 @@ fitting solver's step cap (``MAX_STEPS_PER_INTERVAL``), so their accuracy does n
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 import xarray as xr
 
+from ..data.cohort import CohortTensors
 from ..errors import ModelError
+from ..model.likelihood import observation_sd
+from ..model.module import MixturePDE
 from ..physics import solve_active
 from .evidence import model_evidence
-from .particles import DTYPE, observation_sd
+from .particles import DTYPE
 
 QUANTILES = (0.05, 0.5, 0.95)
 
@@ -48,25 +49,21 @@ def _times_matrix(times, data, error) -> np.ndarray:
     return arr
 
 
-def forecast(model, ds: xr.Dataset, times, n_draws: int = 200, n_particles: int = 32, seed: int = 0,
-             subjects: Sequence[str] | None = None, evidence=None, source: str = "<dataset>") -> xr.Dataset:
-    """Forecast the subjects of ``ds`` (or ``subjects``) at ``times`` with a fitted ``SubtypeModel``.
+def forecast(module: MixturePDE, data: CohortTensors, times, n_draws: int = 200, n_particles: int = 32, seed: int = 0,
+             evidence=None, space_coords: dict[str, np.ndarray] | None = None, time_unit: str = "") -> xr.Dataset:
+    """Forecast the subjects of the cohort ``data`` at ``times`` with a fitted module.
 
     ``times``: absolute times shared by all subjects (1-D), or one row per subject (2-D).
+    ``evidence``: a precomputed importance ``model_evidence`` on ``data`` (otherwise computed here
+    with ``n_particles`` particles and ``n_draws`` draws of the globals).
+    ``space_coords``: the cohort file's spatial dims and coordinates in order (``{"node": names}``
+    on a graph, ``{"y": ..., "x": ...}`` or with ``"z"`` first on a grid; default: ``node`` without
+    coordinates, or (z,) y, x with none); ``time_unit`` is recorded in the attributes.
     Returns a Dataset with dims (subject, time, [subtype], space) where space is ``node`` on a
     graph or the grid's (z,) y, x (zeros outside the mask): ``mean``, ``q05``, ``q50``, ``q95``
     (mixed over the subtype posterior), ``mean_by_subtype``, ``q05_by_subtype``, ``q95_by_subtype``,
     ``subtype_prob`` (subject, subtype) and ``forecast_time`` (subject, time).
     """
-
-    module = model._require_fitted()
-    if subjects is not None:
-        known = {str(s) for s in ds["subject"].values}
-        unknown = [s for s in subjects if s not in known]
-        if unknown:
-            raise ModelError(f"{source}: no subject {unknown[0]!r} in the file")
-        ds = ds.sel(subject=list(subjects))
-    data = model._tensors(ds, source)
     tmat = _times_matrix(times, data, ModelError)
     if evidence is None:
         evidence = model_evidence(module, data, method="importance", n_particles=n_particles, n_draws=n_draws,
@@ -118,26 +115,28 @@ def forecast(model, ds: xr.Dataset, times, n_draws: int = 200, n_particles: int 
         out["mean_by_subtype"][sl] = fields.mean(0).permute(0, 2, 1, 3).numpy()
         out["q05_by_subtype"][sl] = qk[0].transpose(0, 2, 1, 3)
         out["q95_by_subtype"][sl] = qk[1].transpose(0, 2, 1, 3)
-    return _to_dataset(model, ds, data, tmat, out, post.subtype_log_prob.exp().mean(0).numpy(), evidence)
+    return _to_dataset(module, data, tmat, out, post.subtype_log_prob.exp().mean(0).numpy(), evidence,
+                       space_coords or {}, time_unit)
 
 
-def _to_dataset(model, ds, data, tmat, out, subtype_prob, evidence) -> xr.Dataset:
-    domain = model.domain_
+def _to_dataset(module, data, tmat, out, subtype_prob, evidence, space_coords, time_unit) -> xr.Dataset:
+    domain = module.domain
     shared = bool(np.all(tmat == tmat[:1]))
     coords = {"subject": np.array(data.subjects, dtype=object),
               "time": tmat[0] if shared else np.arange(tmat.shape[1]),
-              "subtype": np.array(model.components, dtype=object)}
+              "subtype": np.array(module.components, dtype=object)}
     if domain.kind == "grid":
-        space_dims = tuple(ds["signal"].dims[2:])
+        space_dims = tuple(space_coords) or ("z", "y", "x")[3 - len(domain.spatial_shape):]
         for dim in space_dims:
-            coords[dim] = ds[dim].values
+            if dim in space_coords:
+                coords[dim] = space_coords[dim]
 
         def spatial(values: np.ndarray) -> np.ndarray:
             return domain.scatter(torch.as_tensor(values)).numpy()
     else:
         space_dims = ("node",)
-        if "node" in ds.coords:
-            coords["node"] = ds["node"].values
+        if "node" in space_coords:
+            coords["node"] = space_coords["node"]
 
         def spatial(values: np.ndarray) -> np.ndarray:
             return values
@@ -149,9 +148,9 @@ def _to_dataset(model, ds, data, tmat, out, subtype_prob, evidence) -> xr.Datase
     variables["subtype_prob"] = (("subject", "subtype"), subtype_prob)
     variables["forecast_time"] = (("subject", "time"), tmat)
     result = xr.Dataset(variables, coords=coords, attrs={
-        "kind": "forecast", "model_components": ",".join(model.components),
+        "kind": "forecast", "model_components": ",".join(module.components),
         "n_draws": evidence.draws.n_draws, "n_particles": evidence.stats.n_particles,
-        "time_unit": str(ds.attrs.get("time_unit", "")), "domain": domain.kind,
+        "time_unit": str(time_unit), "domain": domain.kind,
         "description": "posterior predictive forecasts: q05/q50/q95 include observation noise; mean is the "
                        "mean field; *_by_subtype are conditional on each subtype"})
     result["mean"].attrs["description"] = "predictive mean, mixed over the subtype posterior"

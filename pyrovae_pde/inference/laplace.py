@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from ..data.cohort import CohortTensors
-from ..model.module import NOISE_FLOOR, MixturePDE
+from ..model.likelihood import LOG_2PI, NOISE_FLOOR, gaussian_log_likelihood, normal_log_density
+from ..model.module import MixturePDE
 from .encoding import GuideSummary, encode_cohort
 
-LOG_2PI = math.log(2 * math.pi)
 SEARCH_RATE_MARGIN = 0.3  # log of the factor on the guide's rate that sets the search's step counts
 
 
@@ -81,9 +81,8 @@ def laplace_evidence(a: torch.Tensor, b: torch.Tensor, jaa: torch.Tensor, jab: t
     la, sa, lb, sb = (t.to(a) for t in prior)
     cov, det = _inverse(*posterior_hessian(jaa, jab, jbb, variance, (la, sa, lb, sb), has_rate))
     rate_d = has_rate.to(a.dtype)
-    log_lik = -0.5 * sse / variance - n_obs[:, None] * 0.5 * (math.log(variance) + LOG_2PI)
-    log_prior = (-0.5 * ((a - la) / sa) ** 2 - torch.log(sa) - 0.5 * LOG_2PI
-                 + rate_d * (-0.5 * ((b - lb) / sb) ** 2 - torch.log(sb) - 0.5 * LOG_2PI))
+    log_lik = gaussian_log_likelihood(sse, n_obs[:, None], math.sqrt(variance))
+    log_prior = normal_log_density(a, la, sa) + rate_d * normal_log_density(b, lb, sb)
     return cov, log_lik + log_prior + 0.5 * (1 + rate_d) * LOG_2PI - 0.5 * torch.log(det)
 
 

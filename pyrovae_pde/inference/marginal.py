@@ -28,9 +28,9 @@ import numpy as np
 import pyro.distributions as dist
 import torch
 
+from ..model.likelihood import gaussian_log_likelihood, normal_log_density, observation_sd
 from ..model.module import MixturePDE
-from .laplace import LOG_2PI
-from .particles import DTYPE, ParticleStats, observation_sd
+from .particles import DTYPE, ParticleStats
 from .population import hyperprior_log_density
 
 
@@ -61,15 +61,13 @@ def _point_log_lik(stats: ParticleStats, noise: torch.Tensor, population, compon
     comps = list(range(len(stats.components))) if components is None else list(components)
     sse, ratio = stats.sse[..., comps], stats.log_ratio[..., comps]
     s = observation_sd(noise[:, None, None, None])
-    out = -0.5 * sse / s ** 2 - stats.n_obs[:, None] * (torch.log(s) + 0.5 * LOG_2PI) + ratio
+    out = gaussian_log_likelihood(sse, stats.n_obs[:, None], s) + ratio
     if population is not None:  # re-weight every point from the prior it was made with to h_g
         loc, scale = (t[:, None, None] for t in population)  # (G, 1, 1, K', 2)
         a, b = (t[..., comps] for t in stats.theta)
         has_rate = stats.has_rate[comps]
-        lp = (-0.5 * ((a - loc[..., 0]) / scale[..., 0]) ** 2 - torch.log(scale[..., 0])
-              + torch.where(has_rate, -0.5 * ((b - loc[..., 1]) / scale[..., 1]) ** 2 - torch.log(scale[..., 1]),
-                            torch.zeros_like(b)))
-        lp = lp - 0.5 * LOG_2PI * (1 + has_rate.to(lp.dtype))
+        lp = normal_log_density(a, loc[..., 0], scale[..., 0]) + torch.where(
+            has_rate, normal_log_density(b, loc[..., 1], scale[..., 1]), torch.zeros_like(b))
         out = out + lp - stats.log_prior_ref[..., comps]
     return out
 
@@ -335,4 +333,4 @@ def conditional_log_likelihood(stats: ParticleStats, draws: GlobalDraws, posteri
     p = torch.gather(posterior.particle, 2, k[..., None])[..., 0]
     sse = stats.sse[p, subj, k]
     s = observation_sd(draws.noise[:, None])
-    return -0.5 * sse / s ** 2 - stats.n_obs[None, :] * (torch.log(s) + 0.5 * LOG_2PI)
+    return gaussian_log_likelihood(sse, stats.n_obs[None, :], s)

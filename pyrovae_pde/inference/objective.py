@@ -11,7 +11,8 @@ import torch
 from pyro.infer import TraceEnum_ELBO
 
 from ..data.cohort import CohortTensors
-from ..model.module import MAX_PLATE_NESTING, NOISE_FLOOR, MixturePDE, RefinedPosterior
+from ..model.likelihood import observation_sd
+from ..model.module import MAX_PLATE_NESTING, MixturePDE, RefinedPosterior
 from .encoding import GuideSummary, encode_cohort
 from .laplace import LaplaceFit, laplace_fit
 
@@ -23,7 +24,7 @@ def trace_elbo() -> TraceEnum_ELBO:
 
 def noise_sd(module: MixturePDE) -> float:
     """The model's observation sd at the guide's median noise scale (noise floor included)."""
-    return float(torch.sqrt(torch.exp(module.noise_loc.detach()) ** 2 + NOISE_FLOOR ** 2))
+    return float(observation_sd(torch.exp(module.noise_loc.detach())))
 
 
 def modes_as_start(modes: torch.Tensor) -> GuideSummary:

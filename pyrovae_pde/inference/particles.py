@@ -28,18 +28,14 @@ import torch
 
 from ..data.cohort import CohortTensors
 from ..errors import InputError
-from ..model.module import NOISE_FLOOR, MixturePDE
+from ..model.likelihood import NOISE_FLOOR, gaussian_log_likelihood, observation_sd
+from ..model.module import MixturePDE
 from .encoding import GuideSummary, encode_cohort
-from .laplace import LOG_2PI, laplace_fit, pooled_residual_variance
+from .laplace import laplace_fit, pooled_residual_variance
 from .quadrature import DEFAULT_TOLERANCE, log_prior, node_sse, quadrature_nodes
 from .search import search_modes
 
 DTYPE = torch.float64
-
-
-def observation_sd(noise):
-    """The model's observation sd for noise scale ``noise``: sqrt(noise^2 + NOISE_FLOOR^2)."""
-    return (noise ** 2 + NOISE_FLOOR ** 2) ** 0.5
 
 
 @dataclass
@@ -91,7 +87,7 @@ class ParticleStats:
     def log_weights(self, noise: float) -> torch.Tensor:
         """Unnormalised log importance weights (P, N, K) of the particles at noise sd ``noise``."""
         s = observation_sd(torch.tensor(float(noise), dtype=DTYPE))
-        return -0.5 * self.sse / s ** 2 - self.n_obs[:, None] * (torch.log(s) + 0.5 * LOG_2PI) + self.log_ratio
+        return gaussian_log_likelihood(self.sse, self.n_obs[:, None], s) + self.log_ratio
 
     def ess(self, noise: float | None = None) -> torch.Tensor:
         """Effective sample size (N, K) of the particles of each subject and component."""

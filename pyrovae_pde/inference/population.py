@@ -25,13 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.likelihood import LOG_2PI
 from ..model.priors import Priors
 
 # log tau ~ Normal(log(s0 / 2), 1): a population's spread is typically half the base range's, between
 # 0.07 and 3.6 times its sd (95%); the MAP stays in [e^-3, e^2] x s0 / 2 (see _map_coordinate).
 HYPER_LOG_SCALE_SHIFT = -math.log(2.0)
 HYPER_LOG_SCALE_SD = 1.0
-LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass

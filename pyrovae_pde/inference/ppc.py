@@ -27,10 +27,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import xarray as xr
+
+if TYPE_CHECKING:  # torch and Pyro load only when a check runs
+    from ..data.cohort import CohortTensors
+    from ..model.module import MixturePDE
 
 STATISTICS = ("total_burden", "spread", "max")
 LABELS = {"total_burden": "total burden", "spread": "spread", "max": "max"}
@@ -138,15 +142,16 @@ def verdict_lines(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def posterior_predictive_check(model, ds: xr.Dataset, n_draws: int = 200, n_particles: int = 32, seed: int = 0,
-                               threshold: float = DEFAULT_THRESHOLD, evidence=None,
-                               source: str = "<dataset>") -> PPCResult:
-    """Replicate the cohort from the posterior of a fitted ``SubtypeModel`` and compute p-values."""
+def posterior_predictive_check(module: MixturePDE, data: CohortTensors, n_draws: int = 200, n_particles: int = 32,
+                               seed: int = 0, threshold: float = DEFAULT_THRESHOLD, evidence=None) -> PPCResult:
+    """Replicate the cohort ``data`` from a fitted module's posterior and compute p-values.
+
+    ``evidence``: a precomputed importance ``model_evidence`` on ``data`` with ``keep_fields=True``
+    (otherwise computed here with ``n_particles`` particles and ``n_draws`` draws of the globals).
+    """
     from .arviz_export import replicate_signal
     from .evidence import model_evidence
 
-    module = model._require_fitted()
-    data = model._tensors(ds, source)
     if evidence is None or evidence.stats.fields is None:
         evidence = model_evidence(module, data, method="importance", n_particles=n_particles, n_draws=n_draws,
                                   seed=seed, keep_fields=True, elbo_repeats=0)

@@ -31,8 +31,9 @@ import torch
 
 from ..data.cohort import CohortTensors
 from ..errors import InputError
+from ..model.likelihood import gaussian_log_likelihood, normal_log_density
 from ..model.module import MixturePDE
-from .laplace import LOG_2PI, LaplaceFit
+from .laplace import LaplaceFit
 
 DTYPE = torch.float64
 ORDERS = (5, 7, 9, 11, 13)
@@ -53,8 +54,8 @@ def log_prior(module: MixturePDE, a: torch.Tensor, b: torch.Tensor, has_rate: to
     """log p(theta) under the module's population prior of (log D, log r): a, b (..., K); b ignored
     where there is no rate."""
     la, sa, lb, sb = module.prior_terms(a.dtype, a.device)
-    out = -0.5 * ((a - la) / sa) ** 2 - torch.log(sa) - 0.5 * LOG_2PI
-    rate = -0.5 * ((b - lb) / sb) ** 2 - torch.log(sb) - 0.5 * LOG_2PI
+    out = normal_log_density(a, la, sa)
+    rate = normal_log_density(b, lb, sb)
     return out + torch.where(has_rate, rate, torch.zeros_like(rate))
 
 
@@ -114,7 +115,7 @@ class QuadratureNodes:
     def log_evidence(self, noise_sd: float | torch.Tensor) -> torch.Tensor:
         """log Z_ik at observation sd ``noise_sd`` (scalar, noise floor included): (N, K)."""
         s = torch.as_tensor(noise_sd, dtype=DTYPE)
-        log_lik = -0.5 * self.sse / s ** 2 - self.n_obs[:, None] * (torch.log(s) + 0.5 * LOG_2PI)
+        log_lik = gaussian_log_likelihood(self.sse, self.n_obs[:, None], s)
         return torch.logsumexp(self.log_rule + self.log_prior + log_lik, dim=0)
 
 
@@ -162,7 +163,7 @@ def quadrature_nodes(module: MixturePDE, data: CohortTensors, fit: LaplaceFit, n
                             data.observed[rows])
         sse = node_sse(module, sub, torch.exp(a), torch.exp(b))
         lp = log_prior(module, a, b, has_rate)
-        log_lik = -0.5 * sse / s ** 2 - n_obs[rows][:, None] * (math.log(s) + 0.5 * LOG_2PI)
+        log_lik = gaussian_log_likelihood(sse, n_obs[rows][:, None], s)
         return a, b, sse, lw, lp, torch.logsumexp(lw + lp + log_lik, dim=0)
 
     p_max = orders[-1] ** 2

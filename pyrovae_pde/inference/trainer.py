@@ -12,7 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.cohort import CohortTensors
-from ..model.module import NOISE_FLOOR, MixturePDE, RefinedPosterior
+from ..model.likelihood import NOISE_FLOOR
+from ..model.module import MixturePDE, RefinedPosterior
 from .encoding import encode_cohort
 from .laplace import LaplaceFit, laplace_evidence, pooled_residual_variance
 from .objective import evaluate_elbo, finite_grads, modes_as_start, noise_sd, refine, trace_elbo

@@ -6,7 +6,7 @@ import math
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,8 @@ from ..data import ContractError, atomic_write, validate_dataset
 from ..data.cohort import CohortTensors, cohort_tensors, domain_from_dataset
 from ..errors import ModelError
 from ..inference.posterior import posterior_dataset
+from ..inference.ppc import DEFAULT_THRESHOLD
+from ..inference.quadrature import DEFAULT_TOLERANCE
 from ..inference.train import TrainConfig, TrainState, train
 from ..model.module import MixturePDE
 from ..model.priors import LogNormalPrior, Priors, cohort_priors
@@ -24,6 +26,11 @@ from ..physics import Domain, GraphDomain, GridDomain, get_reaction
 from ..physics.solvers import DEFAULT_INITIAL_REACTION_STEP, DEFAULT_REACTION_STEP
 
 RESTART_SPREAD_WARNING = 1.0  # nats per subject between the best and worst restart's validation ELBO
+if TYPE_CHECKING:  # the analyses load their modules when called
+    from ..inference.comparison import Comparison
+    from ..inference.evidence import ModelEvidence
+    from ..inference.ppc import PPCResult
+
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model.json"
 
@@ -78,9 +85,16 @@ class SubtypeModel:
         self.domain_: Domain | None = None
         self.history_: TrainState | None = None
         self.time_scale_: float | None = None
+        self.seed_: int | None = None  # the seed of the fit (None if unknown)
 
     # ------------------------------------------------------------------ fitting
-    def _tensors(self, ds: xr.Dataset, source: str) -> CohortTensors:
+    def tensors(self, ds: xr.Dataset, source: str = "<dataset>") -> CohortTensors:
+        """``ds`` validated and gathered onto the active nodes, as the module sees it.
+
+        signal (N, T, n_nodes), times (N, T) in the file's time unit, observed (N, T); on a fitted
+        model the domain must be the fitted one and the visit slots are padded to its ``n_visits``.
+        ``source`` names ``ds`` in error messages.
+        """
         validate_dataset(ds, source=source)
         if self.domain_ is not None:
             other = domain_from_dataset(ds)
@@ -106,7 +120,7 @@ class SubtypeModel:
         dev = resolve_device(device)
         torch.manual_seed(seed)
         self.domain_ = None
-        data = self._tensors(ds, source)
+        data = self.tensors(ds, source)
         self.domain_ = domain_from_dataset(ds)
         tau = data.times - data.times[:, :1]
         self.time_scale_ = float(torch.nan_to_num(tau, nan=0.0).max()) or 1.0
@@ -120,6 +134,7 @@ class SubtypeModel:
                              device=str(dev), progress=progress, restarts=restarts, **train_options)
         self.history_ = train(self.module_, data, config, checkpoint_dir=checkpoint_dir, resume=resume)
         self.module_.to("cpu")
+        self.seed_ = seed
         return self
 
     @property
@@ -172,7 +187,7 @@ class SubtypeModel:
         ``refine=False`` uses the encoder's guide alone with ``n_particles`` (default 8) importance draws.
         """
         module = self._require_fitted()
-        data = self._tensors(ds, source)
+        data = self.tensors(ds, source)
         dev = resolve_device(device)
         module.to(dev)
         try:
@@ -182,6 +197,85 @@ class SubtypeModel:
             module.to("cpu")
         post.attrs["model_components"] = ",".join(self.components)
         return post
+
+    # ------------------------------------------------------------------ analyses
+    def evidence(self, ds: xr.Dataset, method: str = "quadrature", n_draws: int = 200, seed: int = 0,
+                 n_particles: int = 32, tolerance: float = DEFAULT_TOLERANCE, elbo_repeats: int = 4,
+                 keep_fields: bool = False, source: str = "<dataset>") -> "ModelEvidence":
+        """Log evidence log p(ds | model) (nats, summed over subjects; ``log_evidence`` and its
+        ``log_evidence_se``), the pointwise marginal likelihood (draws, subject) and the ELBO.
+
+        ``method``: ``"quadrature"`` of each subject's latents (``tolerance`` nats) or
+        ``"importance"`` (``n_particles`` Laplace-proposal draws per subject and component;
+        ``keep_fields=True`` keeps their solutions, for ``check``/``forecast``/``to_inference_data``);
+        ``n_draws`` posterior draws of the globals; ``elbo_repeats`` draws of the ELBO (0: skipped).
+        See ``inference.evidence.model_evidence``.
+        """
+        from ..inference.evidence import model_evidence
+
+        module = self._require_fitted()
+        return model_evidence(module, self.tensors(ds, source), method=method, n_particles=n_particles,
+                              n_draws=n_draws, seed=seed, tolerance=tolerance, elbo_repeats=elbo_repeats,
+                              keep_fields=keep_fields)
+
+    def check(self, ds: xr.Dataset, n_draws: int = 200, n_particles: int = 32, seed: int = 0,
+              threshold: float = DEFAULT_THRESHOLD, evidence: "ModelEvidence | None" = None,
+              source: str = "<dataset>") -> "PPCResult":
+        """Posterior predictive check: ``n_draws`` cohorts replicated from the posterior, p-values of
+        total burden, spread (nodes above ``threshold``, signal units) and max per later visit.
+
+        Returns a ``PPCResult``: ``table`` of p-values, ``verdicts()`` one line per statistic.
+        ``evidence``: an importance ``evidence(ds, method="importance", keep_fields=True)`` to reuse.
+        """
+        from ..inference.ppc import posterior_predictive_check
+
+        module = self._require_fitted()
+        return posterior_predictive_check(module, self.tensors(ds, source), n_draws=n_draws, n_particles=n_particles,
+                                          seed=seed, threshold=threshold, evidence=evidence)
+
+    def forecast(self, ds: xr.Dataset, times, n_draws: int = 200, n_particles: int = 32, seed: int = 0,
+                 subjects: Sequence[str] | None = None, evidence: "ModelEvidence | None" = None,
+                 source: str = "<dataset>") -> xr.Dataset:
+        """Forecast the subjects of ``ds`` (or only ``subjects``) at ``times``, with 90% predictive bands.
+
+        ``times``: absolute times in the unit and origin of ``ds``'s ``time``, shared by all subjects
+        (M,) or one row per subject (N, M); none before a subject's first visit. Returns a Dataset
+        with dims (subject, time, [subtype], space), space ``node`` on a graph or the grid's (z,) y, x
+        (zeros outside the mask): ``mean``, ``q05``, ``q50``, ``q95`` (mixed over the subtype
+        posterior), ``mean_by_subtype``, ``q05_by_subtype``, ``q95_by_subtype``, ``subtype_prob``
+        (subject, subtype) and ``forecast_time`` (subject, time). ``evidence``: an importance
+        ``evidence`` of the same subjects to reuse.
+        """
+        from ..inference.forecast import forecast
+
+        module = self._require_fitted()
+        if subjects is not None:
+            known = {str(s) for s in ds["subject"].values}
+            unknown = [s for s in subjects if s not in known]
+            if unknown:
+                raise ModelError(f"{source}: no subject {unknown[0]!r} in the file")
+            ds = ds.sel(subject=list(subjects))
+        return forecast(module, self.tensors(ds, source), times, n_draws=n_draws, n_particles=n_particles, seed=seed,
+                        evidence=evidence, space_coords=_space_coords(ds),
+                        time_unit=str(ds.attrs.get("time_unit", "")))
+
+    def to_inference_data(self, ds: xr.Dataset, n_draws: int = 100, n_particles: int = 32, seed: int = 0,
+                          evidence: "ModelEvidence | None" = None, predictive: bool = True, elbo_repeats: int = 4,
+                          source: str = "<dataset>"):
+        """The posterior on ``ds`` as ArviZ InferenceData (arviz 0.x) / DataTree (arviz 1.x).
+
+        Groups: ``posterior`` (weights, noise_scale, per-subject diffusivity, reaction and
+        subtype_prob; ``n_draws`` draws of the globals), ``posterior_predictive`` (unless
+        ``predictive=False``), ``log_likelihood`` (subject: the input of ``az.loo``/``az.compare``),
+        ``observed_data`` and ``constant_data``; see ``inference.arviz_export``. ``evidence``: an
+        importance ``evidence`` to reuse (``keep_fields=True`` when ``predictive``).
+        """
+        from ..inference.arviz_export import to_inference_data
+
+        module = self._require_fitted()
+        return to_inference_data(module, self.tensors(ds, source), n_draws=n_draws, n_particles=n_particles,
+                                 seed=seed, evidence=evidence, predictive=predictive, elbo_repeats=elbo_repeats,
+                                 space_coords=_space_coords(ds))
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
@@ -206,7 +300,7 @@ class SubtypeModel:
             "initial_reaction_step": self.initial_reaction_step,
             "encoder_width": self.encoder_width, "n_visits": module.n_visits, "time_scale": self.time_scale_,
             "domain": domain_payload, "history": asdict(self.history_) if self.history_ else None,
-            "convergence": self.history_.diagnostics() if self.history_ else None,
+            "convergence": self.history_.diagnostics() if self.history_ else None, "seed": self.seed_,
         }
         atomic_write(directory / MODEL_FILE, lambda tmp: torch.save(tensors, tmp))
         atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
@@ -237,7 +331,40 @@ class SubtypeModel:
         model.module_.load_state_dict(tensors["state_dict"])
         if config.get("history"):
             model.history_ = TrainState(**config["history"])
+        model.seed_ = config.get("seed")
         return model
+
+
+def compare(models: Mapping[str, "SubtypeModel | Sequence[SubtypeModel]"], ds: xr.Dataset, n_draws: int = 200,
+            seed: int = 0, folds: int = 5, elbo_draws: int = 4, source: str = "<dataset>") -> "Comparison":
+    """Compare fitted models on one cohort, like ``az.compare``: name -> a model, or a list of fits
+    of the same components (repeats with other seeds, whose spread enters the evidence's SE).
+
+    Returns a ``Comparison``: ``table`` (one row per model: log evidence and SE, PSIS-LOO,
+    ``folds``-fold cross-validated lpd, ELBO; nats), the ``verdict`` line and ``warnings``. A model
+    whose fits did not converge is flagged, not ranked. ``n_draws``: posterior draws of the globals;
+    ``elbo_draws``: draws of each fit's ELBO (0: not computed). See ``inference.comparison``.
+    """
+    from ..inference.comparison import FittedRun, compare_models
+
+    runs: dict[str, list[FittedRun]] = {}
+    for name, fits in models.items():
+        fits = [fits] if isinstance(fits, SubtypeModel) else list(fits)
+        if not fits:
+            raise ModelError(f"compare: model {name!r} has no fitted model")
+        if len({m.components for m in fits}) > 1:
+            raise ModelError(f"compare: the repeats of {name!r} have different components "
+                             f"{sorted({','.join(m.components) for m in fits})}; give each its own name")
+        runs[name] = [FittedRun(m._require_fitted(), m.tensors(ds, source), m.converged_,
+                                -1 if m.seed_ is None else m.seed_) for m in fits]
+    return compare_models(runs, n_draws=n_draws, seed=seed, folds=folds, elbo_draws=elbo_draws)
+
+
+def _space_coords(ds: xr.Dataset) -> dict[str, np.ndarray]:
+    """The spatial dims of ``ds``'s signal with their coordinates (graphs: ``node`` names if any)."""
+    if ds.attrs["domain"] == "grid":
+        return {dim: ds[dim].values for dim in ds["signal"].dims[2:]}
+    return {"node": ds["node"].values} if "node" in ds.coords else {}
 
 
 def follow_up(data: CohortTensors) -> float:

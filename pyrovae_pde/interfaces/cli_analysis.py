@@ -64,8 +64,7 @@ def _candidates(args) -> list[list[str]]:
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..data.contract import atomic_write
-    from ..inference.comparison import FittedRun, compare_models
-    from .api import SubtypeModel
+    from .api import SubtypeModel, compare
 
     _check_counts(args)
     if args.repeats < 1 or args.folds < 2:
@@ -78,13 +77,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ExistingPathError(f"--out {out} is a file; give a directory")
-    runs: dict[str, list] = {}
+    runs: dict[str, list[SubtypeModel]] = {}
     source = str(args.data)
     for run in args.runs or []:  # runs with the same mechanisms are repeats of one model
         model = SubtypeModel.load(run)
         warn_if_unconverged(model, run)
-        runs.setdefault(_run_name(model.components), []).append(
-            FittedRun(model.module_, model._tensors(ds, source), model.converged_, -1))
+        model.tensors(ds, source)  # a run of another domain fails here, before any fitting
+        runs.setdefault(_run_name(model.components), []).append(model)
     for components in candidates:
         name = _run_name(components)
         if name in runs:
@@ -99,12 +98,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"  done in {time.perf_counter() - start:.0f} s: "
                   f"{'converged' if model.converged_ else 'NOT converged'}", flush=True)
             warn_if_unconverged(model, str(run_dir))
-            fitted = FittedRun(model.module_, model._tensors(ds, source), model.converged_, seed)
-            runs.setdefault(name, []).append(fitted)
+            runs.setdefault(name, []).append(model)
     print(f"evaluating {len(runs)} model(s): quadrature of every subject's integrals, {args.draws} posterior draws of "
           f"the globals, {args.folds}-fold cross-validation", flush=True)
     start = time.perf_counter()
-    result = compare_models(runs, n_draws=args.draws, seed=args.seed, folds=args.folds)
+    result = compare(runs, ds, n_draws=args.draws, seed=args.seed, folds=args.folds, source=source)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "comparison.csv", lambda tmp: result.table.to_csv(tmp, index=False))
     from .plots import plot_comparison
@@ -128,7 +126,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_ppc(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..data.contract import atomic_write
-    from ..inference.ppc import plot_ppc_figures, posterior_predictive_check
+    from ..inference.ppc import plot_ppc_figures
     from .api import SubtypeModel
 
     _check_counts(args)
@@ -141,8 +139,8 @@ def cmd_ppc(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ExistingPathError(f"--out {out} is a file; give a directory")
     start = time.perf_counter()
-    result = posterior_predictive_check(model, ds, n_draws=args.draws, n_particles=args.particles, seed=args.seed,
-                                        threshold=args.threshold, source=str(args.data))
+    result = model.check(ds, n_draws=args.draws, n_particles=args.particles, seed=args.seed,
+                         threshold=args.threshold, source=str(args.data))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "ppc_pvalues.csv", lambda tmp: result.table.to_csv(tmp, index=False))
     paths = plot_ppc_figures(result, out)
@@ -168,7 +166,6 @@ def _parse_times(text: str) -> list[float]:
 def cmd_forecast(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..data.contract import atomic_write
-    from ..inference.forecast import forecast
     from .api import SubtypeModel
 
     _check_counts(args)
@@ -178,8 +175,8 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data)
     subjects = _components(args.subjects) if args.subjects else None
     start = time.perf_counter()
-    fc = forecast(model, ds, times, n_draws=args.draws, n_particles=args.particles, seed=args.seed,
-                  subjects=subjects, source=str(args.data))
+    fc = model.forecast(ds, times, n_draws=args.draws, n_particles=args.particles, seed=args.seed,
+                        subjects=subjects, source=str(args.data))
     atomic_write(args.out, lambda tmp: fc.to_netcdf(tmp, engine="h5netcdf"))
     print(f"wrote {args.out}: forecasts of {fc.sizes['subject']} subjects at times "
           f"{', '.join(f'{t:g}' for t in times)} (90% predictive bands, mixed over the subtype posterior and "
@@ -189,7 +186,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ..data import load_dataset
-    from ..inference.arviz_export import save_inference_data, to_inference_data
+    from ..inference.arviz_export import save_inference_data
     from .api import SubtypeModel
 
     _check_counts(args)
@@ -197,8 +194,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     warn_if_unconverged(model, args.run_dir)
     ds = load_dataset(args.data)
     start = time.perf_counter()
-    idata = to_inference_data(model, ds, n_draws=args.draws, n_particles=args.particles, seed=args.seed,
-                              predictive=not args.no_predictive, source=str(args.data))
+    idata = model.to_inference_data(ds, n_draws=args.draws, n_particles=args.particles, seed=args.seed,
+                                    predictive=not args.no_predictive, source=str(args.data))
     save_inference_data(idata, args.out)
     attrs = idata["posterior"].attrs
     groups = idata.groups() if callable(idata.groups) else [g.strip("/") for g in idata.groups if g != "/"]

@@ -30,8 +30,9 @@ from torch.nn.functional import softplus
 
 from ..errors import InputError
 from ..physics import Domain, get_reaction, solve_active
-from ..physics.solvers import DEFAULT_INITIAL_REACTION_STEP, DEFAULT_REACTION_STEP
+from ..physics.solvers import DEFAULT_INITIAL_REACTION_STEP, DEFAULT_REACTION_STEP, SolverSettings
 from .encoders import GraphEncoder, GridEncoder, PosteriorHead
+from .likelihood import gaussian_log_likelihood, observation_sd
 from .priors import Priors
 
 SUBJECT_DIM = -1
@@ -40,10 +41,6 @@ MAX_PLATE_NESTING = 2
 # Caps the Strang steps per visit interval: only wild guide draws early in training (r*dt far
 # beyond the prior) reach it; their fields are saturated and their likelihood negligible anyway.
 MAX_STEPS_PER_INTERVAL = 200
-# The observation sd is sqrt(noise_scale^2 + NOISE_FLOOR^2). The floor stands for the solver's
-# own discretisation error (about 1e-3, see physics tests); it keeps noise-free data well posed
-# instead of letting the inferred noise collapse until every subtype's likelihood underflows.
-NOISE_FLOOR = 1e-3
 THETA_RANGE_SDS = 10.0
 
 
@@ -171,10 +168,14 @@ class MixturePDE(nn.Module):
         result is corrected with the default solve (a fraction of its cost, tens of times its error).
         """
         full = self.full_reaction(reaction, diffusivity)
-        return solve_active(self.domain, u0, times, diffusivity, full, self.terms, method="auto",
-                            reaction_step=self.reaction_step, max_steps=MAX_STEPS_PER_INTERVAL,
-                            initial_reaction_step=self.reaction_step if coarse else self.initial_reaction_step,
-                            step_rates=step_rates, extrapolate=not coarse)
+        return solve_active(self.domain, u0, times, diffusivity, full, self.terms, self.solver_settings(coarse),
+                            step_rates=step_rates)
+
+    def solver_settings(self, coarse: bool = False) -> SolverSettings:
+        """The solver of the model's fields; ``coarse``: plain Strang steps of ``reaction_step``."""
+        return SolverSettings(method="auto", reaction_step=self.reaction_step, max_steps=MAX_STEPS_PER_INTERVAL,
+                              initial_reaction_step=self.reaction_step if coarse else self.initial_reaction_step,
+                              extrapolate=not coarse)
 
     # ---------------------------------------------------------------- model and guide
     def _plates(self, n_total: int | None, batch: int, index: torch.Tensor | None, device):
@@ -213,7 +214,7 @@ class MixturePDE(nn.Module):
                                   infer={"enumerate": "parallel"})  # (B,), or (K, 1, 1) when enumerated
             loc = Vindex(fields)[subtype, torch.arange(batch, device=device)]  # (B, T, n) / (K, 1, B, T, n)
             later = observed[:, 1:, None]  # (B, T-1, 1): likelihood over later observed visits only
-            sd = torch.sqrt(noise ** 2 + NOISE_FLOOR ** 2)
+            sd = observation_sd(noise)
             pyro.sample("signal", dist.Normal(loc[..., 1:, :], sd).mask(later).to_event(2),
                         obs=signal[:, 1:])
         return subtype
@@ -369,5 +370,4 @@ class MixturePDE(nn.Module):
         mask = observed[:, None, 1:, None].to(signal.dtype)
         n_obs = mask.sum(dim=(2, 3)) * signal.shape[-1]
         sq = (resid ** 2 * mask).sum(dim=(2, 3))
-        var = noise ** 2 + NOISE_FLOOR ** 2
-        return -0.5 * sq / var - n_obs * (0.5 * torch.log(var) + 0.5 * math.log(2 * math.pi))
+        return gaussian_log_likelihood(sq, n_obs, observation_sd(noise))

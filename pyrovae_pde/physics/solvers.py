@@ -17,7 +17,9 @@ Tests hold the spectral path to the torchdiffeq reference and to scipy's ``solve
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -62,14 +64,44 @@ def _check(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusivity: t
                 f"{name} must have shape (N, K) = ({n}, {n_components}), got {tuple(value.shape)}")
 
 
+@dataclass(frozen=True)
+class SolverSettings:
+    """How ``solve``/``solve_active`` integrate (every field has the solvers' default).
+
+    ``method``: ``"spectral"``, ``"auto"`` (spectral up to ``SPECTRAL_MAX_NODES`` nodes, else
+    dopri5) or a torchdiffeq method name. Spectral: ``reaction_step`` and
+    ``initial_reaction_step`` are the largest r*dt of a Strang step after and within the first
+    visit interval; ``extrapolate`` combines n and 2n steps (Richardson); ``max_steps`` caps the
+    steps per interval; ``rate_floor`` is the smallest rate in the step-count rule (``None``: the
+    batch's largest); ``max_substep`` bounds the RK4 substeps of terms without an exact flow.
+    torchdiffeq: ``rtol``, ``atol`` and ``adjoint`` (``odeint_adjoint``).
+    """
+
+    method: str = "auto"
+    reaction_step: float = DEFAULT_REACTION_STEP
+    initial_reaction_step: float = DEFAULT_INITIAL_REACTION_STEP
+    extrapolate: bool = True
+    max_steps: int | None = None
+    rate_floor: float | None = 0.0
+    max_substep: float = DEFAULT_MAX_SUBSTEP
+    rtol: float = 1e-6
+    atol: float = 1e-8
+    adjoint: bool = False
+
+
+def _with_options(settings: SolverSettings | None, options: dict) -> SolverSettings:
+    settings = SolverSettings() if settings is None else settings
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(SolverSettings)})
+    if unknown:
+        raise SolverInputError(f"unknown solver option {unknown[0]!r}; the options are the fields of SolverSettings: "
+                               f"{', '.join(f.name for f in dataclasses.fields(SolverSettings))}")
+    return dataclasses.replace(settings, **options) if options else settings
+
+
 def solve_active(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusivity: torch.Tensor,
                  reaction: torch.Tensor, reactions: Sequence[str | ReactionTerm] = ("fisher_kpp",),
-                 method: str = "auto", reaction_step: float = DEFAULT_REACTION_STEP,
-                 rtol: float = 1e-6, atol: float = 1e-8, adjoint: bool = False,
-                 max_steps: int | None = None, rate_floor: float | None = 0.0,
-                 initial_reaction_step: float = DEFAULT_INITIAL_REACTION_STEP,
-                 extrapolate: bool = True, max_substep: float = DEFAULT_MAX_SUBSTEP,
-                 step_rates: torch.Tensor | None = None) -> torch.Tensor:
+                 settings: SolverSettings | None = None, *, step_rates: torch.Tensor | None = None,
+                 **options) -> torch.Tensor:
     """Solve on active nodes: u0 (N, n_nodes), times (N, T), diffusivity/reaction (N, K).
 
     Returns (N, K, T, n_nodes); entry [:, :, 0] is u0. Times in the unit of the rates; D in
@@ -84,7 +116,9 @@ def solve_active(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusiv
     ``max_substep`` bounds the RK4 substeps of reaction terms that have no exact flow.
     ``step_rates`` (N,), if given, replaces each subject's largest rate in the step-count rule:
     solves that must share their discretisation (finite differences in the rates) pass one value.
+    ``settings``: a ``SolverSettings``; keyword ``options`` override its fields.
     """
+    settings = _with_options(settings, options)
     terms = _resolve_reactions(reactions)
     _check(domain, u0, times, diffusivity, reaction, len(terms))
     if u0.shape[-1] != domain.n_nodes:
@@ -93,21 +127,17 @@ def solve_active(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusiv
     tau = relative_times(times)
     if (tau[:, 1:] < tau[:, :-1]).any():
         raise SolverInputError("each subject's visit times must be ascending")
+    method = settings.method
     if method == "auto":
         method = "spectral" if domain.n_nodes <= SPECTRAL_MAX_NODES else "dopri5"
     if method == "spectral":
-        return _solve_spectral(domain, u0, tau, diffusivity, reaction, terms, reaction_step,
-                               initial_reaction_step, extrapolate, max_steps, rate_floor, max_substep,
-                               step_rates)
-    return _solve_odeint(domain, u0, tau, diffusivity, reaction, terms, method, rtol, atol, adjoint)
+        return _solve_spectral(domain, u0, tau, diffusivity, reaction, terms, settings, step_rates)
+    return _solve_odeint(domain, u0, tau, diffusivity, reaction, terms, dataclasses.replace(settings, method=method))
 
 
 def solve(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusivity: torch.Tensor,
           reaction: torch.Tensor, reactions: Sequence[str | ReactionTerm] = ("fisher_kpp",),
-          method: str = "auto", reaction_step: float = DEFAULT_REACTION_STEP, rtol: float = 1e-6,
-          atol: float = 1e-8, adjoint: bool = False,
-          initial_reaction_step: float = DEFAULT_INITIAL_REACTION_STEP,
-          extrapolate: bool = True) -> torch.Tensor:
+          settings: SolverSettings | None = None, **options) -> torch.Tensor:
     """Solve du/dt = -D L u + r f_k(u) for N subjects and K components in one call.
 
     Args:
@@ -118,11 +148,8 @@ def solve(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusivity: to
         diffusivity, reaction: (N, K) rates, K = len(reactions); ``reaction`` is ignored for
             components without a rate (``diffusion``).
         reactions: names (or ``ReactionTerm`` objects) of the K components' reaction terms.
-        method: ``"spectral"``, ``"auto"`` or a torchdiffeq method name (``"dopri5"``, ...).
-        reaction_step, initial_reaction_step: largest r*dt of a Strang step after and within the
-            first visit interval (spectral method; r = the subject's largest rate).
-        rtol, atol, adjoint: torchdiffeq tolerances, and whether to use ``odeint_adjoint``.
-        extrapolate: Richardson-extrapolate Strang steps n and 2n (spectral method).
+        settings: a ``SolverSettings`` (method, step sizes, tolerances); keyword ``options``
+            override its fields, e.g. ``method="dopri5"``, ``rtol=1e-8``.
 
     Returns:
         (N, K, T, *space) fields, differentiable in u0, diffusivity and reaction.
@@ -130,9 +157,8 @@ def solve(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusivity: to
     if tuple(u0.shape[1:]) != tuple(domain.spatial_shape):
         raise SolverInputError(
             f"u0 must have shape (N, {', '.join(map(str, domain.spatial_shape))}), got {tuple(u0.shape)}")
-    out = solve_active(domain, domain.gather(u0), times, diffusivity, reaction, reactions, method,
-                       reaction_step, rtol, atol, adjoint, initial_reaction_step=initial_reaction_step,
-                       extrapolate=extrapolate)
+    out = solve_active(domain, domain.gather(u0), times, diffusivity, reaction, reactions,
+                       _with_options(settings, options))
     return domain.scatter(out)
 
 
@@ -188,10 +214,11 @@ def _strang_interval(u: torch.Tensor, interval: torch.Tensor, n_steps: torch.Ten
 
 
 def _solve_spectral(domain: Domain, u0: torch.Tensor, tau: torch.Tensor, diffusivity: torch.Tensor,
-                    reaction: torch.Tensor, terms: list[ReactionTerm], reaction_step: float,
-                    initial_reaction_step: float, extrapolate: bool, max_steps: int | None,
-                    rate_floor: float | None, max_substep: float,
+                    reaction: torch.Tensor, terms: list[ReactionTerm], settings: SolverSettings,
                     step_rates: torch.Tensor | None = None) -> torch.Tensor:
+    reaction_step, initial_reaction_step = settings.reaction_step, settings.initial_reaction_step
+    extrapolate, max_steps, rate_floor = settings.extrapolate, settings.max_steps, settings.rate_floor
+    max_substep = settings.max_substep
     evals, evecs = domain.eigh(u0.dtype, u0.device)  # (n,), (n, n)
     n_sub, n_comp = diffusivity.shape
     has_rate = torch.tensor([t.has_rate for t in terms], device=u0.device, dtype=u0.dtype)
@@ -229,8 +256,8 @@ def _solve_spectral(domain: Domain, u0: torch.Tensor, tau: torch.Tensor, diffusi
 
 
 def _solve_odeint(domain: Domain, u0: torch.Tensor, tau: torch.Tensor, diffusivity: torch.Tensor,
-                  reaction: torch.Tensor, terms: list[ReactionTerm], method: str, rtol: float,
-                  atol: float, adjoint: bool) -> torch.Tensor:
+                  reaction: torch.Tensor, terms: list[ReactionTerm], settings: SolverSettings) -> torch.Tensor:
+    method, rtol, atol, adjoint = settings.method, settings.rtol, settings.atol, settings.adjoint
     import torchdiffeq
 
     lap = domain.sparse_laplacian(u0.dtype, u0.device)
