@@ -240,13 +240,13 @@ def test_inference_data_groups_dims_and_arviz_functions(tmp_path, mix_data, mix_
         assert group in idata.groups()
     post = idata.posterior
     assert list(post["subject"].values) == [str(s) for s in train["subject"].values]
-    assert list(post["component"].values) == ["fisher_kpp", "diffusion"]
-    assert list(post["rate_component"].values) == ["fisher_kpp"]
-    assert post["diffusivity"].dims == ("chain", "draw", "subject", "component")
-    assert post["reaction"].dims == ("chain", "draw", "subject", "rate_component")
-    assert post["subtype_prob"].dims == ("chain", "draw", "subject", "component")
-    np.testing.assert_allclose(post["subtype_prob"].sum("component"), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(post["weights"].sum("component"), 1.0, rtol=1e-9)
+    assert list(post["subtype"].values) == ["fisher_kpp", "diffusion"]
+    assert list(post["rate_subtype"].values) == ["fisher_kpp"]
+    assert post["diffusivity"].dims == ("chain", "draw", "subject", "subtype")
+    assert post["reaction"].dims == ("chain", "draw", "subject", "rate_subtype")
+    assert post["subtype_prob"].dims == ("chain", "draw", "subject", "subtype")
+    np.testing.assert_allclose(post["subtype_prob"].sum("subtype"), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(post["weights"].sum("subtype"), 1.0, rtol=1e-9)
     assert idata.log_likelihood["signal"].dims == ("chain", "draw", "subject")
     assert idata.posterior_predictive["signal"].dims == ("chain", "draw", "subject", "visit", "node")
     obs = idata.observed_data["signal"]

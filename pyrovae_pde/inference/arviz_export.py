@@ -2,9 +2,9 @@
 
 Groups (one chain; ``draw`` indexes posterior draws of the globals):
 
-* ``posterior``: ``weights`` (component), ``noise_scale``, ``diffusivity`` (subject, component),
-  ``reaction`` (subject, rate_component: components that have a rate), ``subtype_prob``
-  (subject, component). Per-subject parameters are conditional on the subtype: draw g holds a
+* ``posterior``: ``weights`` (subtype), ``noise_scale``, ``diffusivity`` (subject, subtype),
+  ``reaction`` (subject, rate_subtype: the subtypes whose mechanism has a rate), ``subtype_prob``
+  (subject, subtype). Per-subject parameters are conditional on the subtype: draw g holds a
   draw of (D, r) from p(D, r | x_i, subtype = k, globals_g) for every component k.
 * ``posterior_predictive``: ``signal`` (subject, visit, node): replicated visits, the subtype
   drawn from its posterior (not the prior), observation noise added to the later visits; visit
@@ -111,11 +111,11 @@ def to_inference_data(module: MixturePDE, data: CohortTensors, n_draws: int = 10
     else:
         nodes = np.array([str(v) for v in names], dtype=object) if names is not None else np.arange(domain.n_nodes)
     n_visits = data.signal.shape[1]
-    coords = {"subject": subjects, "component": np.array(components, dtype=object),
-              "rate_component": np.array([components[k] for k in rate], dtype=object),
+    coords = {"subject": subjects, "subtype": np.array(components, dtype=object),
+              "rate_subtype": np.array([components[k] for k in rate], dtype=object),
               "visit": np.arange(n_visits), "node": nodes}
-    dims = {"weights": ["component"], "noise_scale": [], "diffusivity": ["subject", "component"],
-            "reaction": ["subject", "rate_component"], "subtype_prob": ["subject", "component"],
+    dims = {"weights": ["subtype"], "noise_scale": [], "diffusivity": ["subject", "subtype"],
+            "reaction": ["subject", "rate_subtype"], "subtype_prob": ["subject", "subtype"],
             "signal": ["subject", "visit", "node"], "time": ["subject", "visit"]}
     posterior = {"weights": draws.weights.numpy()[None], "noise_scale": draws.noise.numpy()[None],
                  "diffusivity": diffusivity.numpy()[None], "subtype_prob": post.subtype_log_prob.exp().numpy()[None]}
@@ -145,7 +145,7 @@ def loo_inference_data(evidence: ModelEvidence):
     """The small InferenceData ``az.loo``/``az.compare`` need: globals and the pointwise marginals."""
     draws = evidence.draws
     coords = {"subject": np.array(evidence.subjects, dtype=object),
-              "component": np.array(evidence.components, dtype=object)}
-    dims = {"weights": ["component"], "signal": ["subject"]}
+              "subtype": np.array(evidence.components, dtype=object)}
+    dims = {"weights": ["subtype"], "signal": ["subject"]}
     return from_dict({"posterior": {"weights": draws.weights.numpy()[None], "noise_scale": draws.noise.numpy()[None]},
                       "log_likelihood": {"signal": evidence.pointwise.numpy()[None]}}, coords, dims)

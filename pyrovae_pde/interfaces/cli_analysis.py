@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..errors import ExistingPathError, UserError
-from .cli_model import _components, add_run_arguments, add_training_arguments, fit_model, warn_if_unconverged
+from .cli_model import add_run_arguments, add_training_arguments, comma_list, fit_model, warn_if_unconverged
 
 
 def _run_name(components) -> str:
@@ -41,12 +41,12 @@ def _candidates(args) -> list[list[str]]:
 
     out = []
     for text in args.models or []:
-        components = _components(text)
+        components = comma_list(text)
         if not components:
             raise UserError(f"--models: {text!r} names no component")
         out.append(components)
     if args.mechanisms:
-        mechanisms = _components(args.mechanisms)
+        mechanisms = comma_list(args.mechanisms)
         if len(set(mechanisms)) != len(mechanisms) or not mechanisms:
             raise UserError(f"--mechanisms {args.mechanisms!r}: give distinct mechanism names")
         top = args.max_components or len(mechanisms)
@@ -173,7 +173,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     model = SubtypeModel.load(args.run_dir)
     warn_if_unconverged(model, args.run_dir)
     ds = load_dataset(args.data)
-    subjects = _components(args.subjects) if args.subjects else None
+    subjects = comma_list(args.subjects) if args.subjects else None
     start = time.perf_counter()
     fc = model.forecast(ds, times, n_draws=args.draws, n_particles=args.particles, seed=args.seed,
                         subjects=subjects, source=str(args.data))

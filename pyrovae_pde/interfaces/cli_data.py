@@ -17,7 +17,8 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _axial_slice(text: str) -> int:
+def axial_slice(text: str) -> int:
+    """``axial:K`` -> K, the index of an axial slice (argparse type)."""
     plane, _, index = text.partition(":")
     if plane != "axial" or not index.isdigit():
         raise argparse.ArgumentTypeError(f"expected --slice axial:K with an integer K, got {text!r}")
@@ -61,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=_float_list, default=None, help="comma list of subtype weights")
     p.add_argument("--noise-sd", type=float, default=0.0, help="Gaussian noise sd on visits after the first")
     p.add_argument("--resolution", type=float, default=None, help="mni-grid: voxel size in mm (default 6)")
-    p.add_argument("--slice", type=_axial_slice, default=None, help="mni-grid: 2-D slice, axial:K")
+    p.add_argument("--slice", type=axial_slice, default=None, help="mni-grid: 2-D slice, axial:K")
     p.add_argument("--out", required=True, help="output NetCDF file")
     p.set_defaults(handler=cmd_simulate)
 

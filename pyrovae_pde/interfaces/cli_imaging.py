@@ -5,7 +5,7 @@ import argparse
 import sys
 import warnings
 
-from .cli_data import _axial_slice
+from .cli_data import axial_slice
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=float, default=None,
                    help="resample all images onto an isotropic grid of this voxel size (mm); without it all "
                         "images must share the mask's shape and affine")
-    p.add_argument("--slice", type=_axial_slice, default=None, help="2-D output: one axial slice, axial:K")
+    p.add_argument("--slice", type=axial_slice, default=None, help="2-D output: one axial slice, axial:K")
     p.add_argument("--atlas", default=None, help="label image NIfTI (0 = background): graph output")
     p.add_argument("--connectome", default=None,
                    help="regions x regions matrix, CSV or NPY, rows in ascending atlas-label order")

@@ -8,7 +8,8 @@ from pathlib import Path
 from ..errors import UserError
 
 
-def _components(text: str) -> list[str]:
+def comma_list(text: str) -> list[str]:
+    """Names from a comma-separated argument ('diffusion,fisher_kpp' -> ['diffusion', 'fisher_kpp'])."""
     return [c.strip() for c in text.split(",") if c.strip()]
 
 
@@ -73,7 +74,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data)
     out = Path(args.out)
     start = time.perf_counter()
-    model = fit_model(ds, _components(args.components), args, out, str(args.data))
+    model = fit_model(ds, comma_list(args.components), args, out, str(args.data))
     hist = model.history_
     print(f"fitted {','.join(model.components)} on {ds.sizes['subject']} subjects in "
           f"{time.perf_counter() - start:.0f} s: {hist.epoch} epochs, best held-out epoch {hist.best_epoch}, "
