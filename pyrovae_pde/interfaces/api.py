@@ -113,7 +113,8 @@ class SubtypeModel:
     def fit(self, ds: xr.Dataset, epochs: int = TrainConfig.epochs, batch_size: int = TrainConfig.batch_size,
             learning_rate: float = TrainConfig.learning_rate, seed: int = 0, device: str = "cpu",
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
-            source: str = "<training dataset>", restarts: int = 1, **train_options) -> "SubtypeModel":
+            source: str = "<training dataset>", restarts: int = TrainConfig.restarts,
+            **train_options) -> "SubtypeModel":
         """Fit to a contract dataset (validated first); ``epochs`` is the most epochs (a run stops
         at the plateau of its validation ELBO), ``restarts`` fits from other seeds and keeps the
         best. ``train_options`` go to ``TrainConfig``. ``convergence_`` holds the diagnostics."""

@@ -37,9 +37,10 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"subjects per SVI step (default {TrainConfig.batch_size})")
     p.add_argument("--lr", type=float, default=TrainConfig.learning_rate,
                    help=f"learning rate of the mixture weights and noise (default {TrainConfig.learning_rate})")
-    p.add_argument("--restarts", type=int, default=1,
+    p.add_argument("--restarts", type=int, default=TrainConfig.restarts,
                    help="fit this many times from different seeds and keep the best validation ELBO (default 1)")
-    p.add_argument("--population-prior", choices=("learned", "fixed"), default="learned",
+    p.add_argument("--population-prior", choices=("learned", "fixed"),
+                   default="learned" if TrainConfig.learn_population else "fixed",
                    help="learned (default): each mechanism's population of D and r is learned from the cohort "
                         "under the base priors; fixed: the base priors themselves")
     p.add_argument("--seed", type=int, default=0)
