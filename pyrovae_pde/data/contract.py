@@ -261,3 +261,40 @@ def save_dataset(ds: xr.Dataset, path: str | os.PathLike, validate: bool = True)
     if validate:
         validate_dataset(ds, source=str(path))
     return atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))
+
+
+def read_json_file(path: str | os.PathLike, fix: str) -> dict:
+    """A JSON object from ``path``; a missing, unreadable or damaged file raises one ``ContractError``
+    naming the file, what is wrong and ``fix`` (what the user should do)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ContractError(f"{path}: no such file; {fix}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ContractError(f"{path}: not valid JSON ({exc}); the file is damaged: {fix}") from None
+    if not isinstance(value, dict):
+        raise ContractError(f"{path}: expected a JSON object, found {type(value).__name__}; {fix}")
+    return value
+
+
+def read_torch_file(path: str | os.PathLike, fix: str, map_location="cpu") -> dict:
+    """A dict saved by ``torch.save`` at ``path``; a missing, truncated or foreign file raises one
+    ``ContractError`` naming the file and ``fix`` instead of torch's zip-reader traceback."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ContractError(f"{path}: no such file; {fix}")
+    try:
+        value = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ContractError(f"{path}: cannot be read as a PyTorch file ({reason}); it is truncated or "
+                            f"damaged: {fix}") from None
+    if not isinstance(value, dict):
+        raise ContractError(f"{path}: expected a saved dict, found {type(value).__name__}; {fix}")
+    return value

@@ -53,6 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.cohort import CohortTensors
+from ..data.contract import read_torch_file
 from ..errors import MissingFileError, TrainingDivergedError
 from ..model.module import MixturePDE
 from .objective import evaluate_elbo, noise_sd, refine
@@ -117,7 +118,7 @@ def train(module: MixturePDE, data: CohortTensors, config: TrainConfig | None = 
     if resume:
         if checkpoint is None or not checkpoint.exists():
             raise MissingFileError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
-        payload = torch.load(checkpoint, map_location=device, weights_only=False)
+        payload = read_torch_file(checkpoint, "start the fit again without --resume", map_location=device)
         if "wake_optimizer" not in payload:
             raise TrainingDivergedError(f"{checkpoint} was written by an older version of pyrovae_pde "
                                         "(before semi-amortized training); start the fit again without --resume")

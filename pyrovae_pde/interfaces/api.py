@@ -15,7 +15,8 @@ import xarray as xr
 from .. import __version__
 from ..data import ContractError, atomic_write, validate_dataset
 from ..data.cohort import CohortTensors, cohort_tensors, domain_from_dataset
-from ..errors import ModelError
+from ..data.contract import read_json_file, read_torch_file
+from ..errors import ModelError, PyrovaePDEError
 from ..inference.posterior import posterior_dataset
 from ..inference.ppc import DEFAULT_THRESHOLD
 from ..inference.quadrature import DEFAULT_TOLERANCE
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # the analyses load their modules when called
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model.json"
+RUN_CONFIG_KEYS = ("components", "priors", "reaction_step", "encoder_width", "domain", "time_scale", "n_visits")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -315,8 +317,26 @@ class SubtypeModel:
             if not (directory / name).exists():
                 raise ModelError(f"{directory}: no {name} here; is this a run directory written by "
                                  "'pyrovae-pde fit' or SubtypeModel.save?")
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        tensors = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=False)
+        fix = f"refit the model (pyrovae-pde fit ... --out {directory})"
+        config = read_json_file(directory / CONFIG_FILE, fix)
+        missing = [key for key in RUN_CONFIG_KEYS if key not in config]
+        if missing:
+            raise ModelError(f"{directory / CONFIG_FILE}: no {missing[0]!r} entry (written by pyrovae_pde "
+                             f"{config.get('pyrovae_pde_version', 'unknown')}, read by {__version__}); {fix}")
+        tensors = read_torch_file(directory / MODEL_FILE, fix)
+        try:
+            model = cls._from_files(config, tensors)
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            if isinstance(exc, PyrovaePDEError):
+                raise
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(f"{directory}: {MODEL_FILE} does not match {CONFIG_FILE} ({reason}); the run was "
+                             f"written by pyrovae_pde {config.get('pyrovae_pde_version', 'unknown')} and is read by "
+                             f"{__version__}: {fix}") from None
+        return model
+
+    @classmethod
+    def _from_files(cls, config: dict, tensors: dict) -> "SubtypeModel":
         model = cls(config["components"], Priors.from_dict(config["priors"]), config["reaction_step"],
                     config["encoder_width"],
                     config.get("initial_reaction_step", DEFAULT_INITIAL_REACTION_STEP))

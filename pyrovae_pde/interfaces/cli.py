@@ -27,6 +27,27 @@ SUBCOMMAND_MODULES = (
 _OS_USER_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+def comma_list(text: str) -> list[str]:
+    """Names from a comma-separated argument ('diffusion,fisher_kpp' -> ['diffusion', 'fisher_kpp'])."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def at_least(low: int):
+    """An argparse type: an integer >= ``low``; anything else is refused with the valid range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyrovae-pde",

@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 from ..errors import ExistingPathError, UserError
-from .cli_model import add_run_arguments, add_training_arguments, comma_list, fit_model, warn_if_unconverged
+from .cli import at_least, comma_list
+from .cli_model import add_run_arguments, add_training_arguments, fit_model, warn_if_unconverged
 
 
 def _run_name(components) -> str:
@@ -14,9 +15,9 @@ def _run_name(components) -> str:
 
 
 def _evaluation_arguments(p: argparse.ArgumentParser, draws: int = 200) -> None:
-    p.add_argument("--particles", type=int, default=32,
+    p.add_argument("--particles", type=at_least(1), default=32,
                    help="importance samples per subject and component (default 32)")
-    p.add_argument("--draws", type=int, default=draws, help=f"posterior draws of the globals (default {draws})")
+    p.add_argument("--draws", type=at_least(1), default=draws, help=f"posterior draws of the globals (default {draws})")
 
 
 def _check_counts(args) -> None:
@@ -211,17 +212,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="models to fit, each a comma list of components (one name = single-PDE baseline)")
     p.add_argument("--mechanisms", metavar="A,B,C",
                    help="fit and rank every subset of these mechanisms (how many subtypes, and which)")
-    p.add_argument("--max-components", type=int, metavar="K",
+    p.add_argument("--max-components", type=at_least(1), metavar="K",
                    help="with --mechanisms: subsets of at most K mechanisms (default: all)")
     p.add_argument("--runs", nargs="+", metavar="RUN_DIR",
                    help="already fitted run directories to compare (runs with the same mechanisms are repeats)")
-    p.add_argument("--repeats", type=int, default=2,
+    p.add_argument("--repeats", type=at_least(1), default=2,
                    help="fits of each model with seeds SEED, SEED+1, ...: their spread enters the evidence's SE "
                         "(default 2)")
-    p.add_argument("--folds", type=int, default=5, help="K of the K-fold cross-validation (default 5)")
+    p.add_argument("--folds", type=at_least(2), default=5, help="K of the K-fold cross-validation (default 5)")
     p.add_argument("--out", required=True, help="output directory (comparison.csv, comparison.png, verdict.txt, runs/)")
     add_training_arguments(p)
-    p.add_argument("--draws", type=int, default=200, help="posterior draws of the globals (default 200)")
+    p.add_argument("--draws", type=at_least(1), default=200, help="posterior draws of the globals (default 200)")
     p.set_defaults(handler=cmd_compare)
 
     p = subparsers.add_parser("ppc", help="posterior predictive checks of a fitted model")

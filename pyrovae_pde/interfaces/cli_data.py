@@ -5,14 +5,12 @@ import argparse
 
 import numpy as np
 
-
-def _comma_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+from .cli import at_least, comma_list
 
 
 def _float_list(text: str) -> list[float]:
     try:
-        return [float(part) for part in _comma_list(text)]
+        return [float(part) for part in comma_list(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
@@ -55,9 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("simulate", help="simulate a benchmark cohort with ground truth",
                               description="Simulate a benchmark cohort and write a contract file.")
     p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
-    p.add_argument("--subjects", type=int, required=True, help="number of subjects")
+    p.add_argument("--subjects", type=at_least(1), required=True, help="number of subjects")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--components", type=_comma_list, default=None,
+    p.add_argument("--components", type=comma_list, default=None,
                    help="comma list of reaction terms (default: the benchmark's)")
     p.add_argument("--weights", type=_float_list, default=None, help="comma list of subtype weights")
     p.add_argument("--noise-sd", type=float, default=0.0, help="Gaussian noise sd on visits after the first")

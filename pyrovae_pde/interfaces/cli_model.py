@@ -6,11 +6,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-
-
-def comma_list(text: str) -> list[str]:
-    """Names from a comma-separated argument ('diffusion,fisher_kpp' -> ['diffusion', 'fisher_kpp'])."""
-    return [c.strip() for c in text.split(",") if c.strip()]
+from .cli import at_least, comma_list
 
 
 def _priors(options: list[str] | None) -> dict:
@@ -30,14 +26,14 @@ def _priors(options: list[str] | None) -> dict:
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     from ..inference.train import TrainConfig
 
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs,
+    p.add_argument("--epochs", type=at_least(1), default=TrainConfig.epochs,
                    help=f"most epochs (default {TrainConfig.epochs}); a run stops earlier once its validation "
                         "ELBO reaches a plateau")
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+    p.add_argument("--batch-size", type=at_least(1), default=TrainConfig.batch_size,
                    help=f"subjects per SVI step (default {TrainConfig.batch_size})")
     p.add_argument("--lr", type=float, default=TrainConfig.learning_rate,
                    help=f"learning rate of the mixture weights and noise (default {TrainConfig.learning_rate})")
-    p.add_argument("--restarts", type=int, default=TrainConfig.restarts,
+    p.add_argument("--restarts", type=at_least(1), default=TrainConfig.restarts,
                    help="fit this many times from different seeds and keep the best validation ELBO (default 1)")
     p.add_argument("--population-prior", choices=("learned", "fixed"),
                    default="learned" if TrainConfig.learn_population else "fixed",
@@ -196,11 +192,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("predict", help="posterior subtypes and parameters for a cohort")
     add_run_arguments(p, "contract NetCDF file (new or training subjects)", "posterior NetCDF file")
-    p.add_argument("--iterations", type=int, default=3,
+    p.add_argument("--iterations", type=at_least(0), default=3,
                    help="Levenberg-Marquardt iterations of the per-subject Laplace refinement")
     p.add_argument("--no-refine", dest="refine", action="store_false",
                    help="skip the Laplace refinement: the amortized guide alone, importance-sampled")
-    p.add_argument("--particles", type=int, default=None,
+    p.add_argument("--particles", type=at_least(1), default=None,
                    help="importance samples per subject and subtype: from the Laplace approximation "
                         "(default 128 on domains of at most 256 nodes, else 0: Laplace alone), or from "
                         "the guide with --no-refine (default 8)")
@@ -210,8 +206,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("demo", help="simulate, fit, predict on new subjects, report and plot")
     p.add_argument("--out", default="demo_output", help="output directory")
-    p.add_argument("--subjects", type=int, default=300, help="training subjects")
-    p.add_argument("--test-subjects", type=int, default=200, help="new subjects to score")
+    p.add_argument("--subjects", type=at_least(1), default=300, help="training subjects")
+    p.add_argument("--test-subjects", type=at_least(1), default=200, help="new subjects to score")
     p.add_argument("--noise-sd", type=float, default=0.0)
     add_training_arguments(p)
     p.set_defaults(handler=cmd_demo)

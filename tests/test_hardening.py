@@ -1,0 +1,95 @@
+"""Damaged run directories, flags that cannot make sense and logs that are not a terminal: each
+gives one line naming the file or flag and the fix, never a traceback, and writes nothing."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pyrovae_pde.data import save_dataset, simulate
+from pyrovae_pde.interfaces.cli import main
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A small graph cohort and a run fitted by `pyrovae-pde fit` in a child process whose stderr
+    is a pipe (as in a batch job's log); returns (root, data, run, stderr)."""
+    root = tmp_path_factory.mktemp("hardening")
+    data = root / "cohort.nc"
+    save_dataset(simulate("graph", 24, seed=2, noise_sd=0.02, components=("fisher_kpp",)), data)
+    run = root / "run"
+    proc = subprocess.run([sys.executable, "-m", "pyrovae_pde", "fit", str(data), "--components", "fisher_kpp",
+                           "--out", str(run), "--epochs", "2", "--prior", "diffusivity=0.05,1",
+                           "--prior", "reaction=0.1,1"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return root, data, run, proc.stderr
+
+
+def _one_line_error(capsys, *parts):
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning:")]
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    for part in parts:
+        assert part in err[0], (part, err[0])
+    return err[0]
+
+
+def test_a_log_gets_lines_not_progress_bar_redraws(fitted):
+    *_, stderr = fitted
+    assert "\r" not in stderr
+    assert len(stderr.strip().splitlines()) < 15
+
+
+@pytest.mark.parametrize("command", ["predict", "ppc", "export-arviz"])
+@pytest.mark.parametrize("damage", ["truncated model.pt", "model.json not JSON", "model.json without components"])
+def test_a_damaged_run_directory_gives_one_line_and_writes_nothing(fitted, tmp_path, capsys, command, damage):
+    _, data, run, _ = fitted
+    broken = tmp_path / "run"
+    shutil.copytree(run, broken)
+    if damage == "truncated model.pt":
+        blob = (broken / "model.pt").read_bytes()
+        (broken / "model.pt").write_bytes(blob[: len(blob) // 2])
+        expected = ["model.pt", "truncated or damaged", "refit"]
+    elif damage == "model.json not JSON":
+        (broken / "model.json").write_text('{"components": ["fisher_kpp"], ')
+        expected = ["model.json", "not valid JSON", "refit"]
+    else:
+        text = (broken / "model.json").read_text().replace('"components"', '"kinds"', 1)
+        (broken / "model.json").write_text(text)
+        expected = ["model.json", "no 'components' entry", "refit"]
+    out = tmp_path / ("out.nc" if command != "ppc" else "ppc")
+    args = {"predict": ["predict", str(broken), str(data), "--out", str(out)],
+            "ppc": ["ppc", str(broken), str(data), "--out", str(out), "--draws", "10", "--particles", "4"],
+            "export-arviz": ["export-arviz", str(broken), str(data), "--out", str(out), "--draws", "10",
+                             "--particles", "4"]}[command]
+    assert main(args) == 2
+    _one_line_error(capsys, *expected)
+    assert not out.exists()
+
+
+def test_resume_from_a_truncated_checkpoint_says_start_again(fitted, tmp_path, capsys):
+    _, data, run, _ = fitted
+    broken = tmp_path / "run"
+    shutil.copytree(run, broken)
+    blob = (broken / "checkpoint.pt").read_bytes()
+    (broken / "checkpoint.pt").write_bytes(blob[: len(blob) // 3])
+    assert main(["fit", str(data), "--components", "fisher_kpp", "--out", str(broken), "--resume",
+                 "--epochs", "3"]) == 2
+    _one_line_error(capsys, "checkpoint.pt", "truncated or damaged", "without --resume")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    (["--batch-size", "-4"], "argument --batch-size: must be >= 1, got -4"),
+    (["--restarts", "two"], "argument --restarts: expected a whole number >= 1, got 'two'"),
+])
+def test_flags_that_cannot_make_sense_are_refused_by_the_parser(fitted, tmp_path, capsys, flags, message):
+    _, data, _, _ = fitted
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as info:
+        main(["fit", str(data), "--components", "fisher_kpp", "--out", str(out), *flags])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
