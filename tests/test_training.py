@@ -70,11 +70,11 @@ def test_a_poisoned_batch_is_skipped_and_training_recovers(small_graph, tmp_path
     """One minibatch whose signal is NaN (a poisoned batch) in the third training step: the step is
     skipped and counted, the run goes on, ends with finite parameters, says it converged and leaves
     a loadable checkpoint."""
-    from pyrovae_pde.inference import train as training
+    from pyrovae_pde.inference.trainer import Trainer
 
     ds, domain, data = small_graph
     module = _module(domain, ds)
-    original = training._Trainer.wake_step
+    original = Trainer.wake_step
     calls = {"n": 0}
 
     def poisoned(self, idx, refined):
@@ -88,7 +88,7 @@ def test_a_poisoned_batch_is_skipped_and_training_recovers(small_graph, tmp_path
         finally:
             self.train_data.signal[idx] = saved
 
-    monkeypatch.setattr(training._Trainer, "wake_step", poisoned)
+    monkeypatch.setattr(Trainer, "wake_step", poisoned)
     state = train(module, data, TrainConfig(seed=0, batch_size=16, **QUICK), checkpoint_dir=tmp_path)
     assert calls["n"] > 3
     assert state.skipped_steps == 1 and state.rollbacks == 0 and state.converged

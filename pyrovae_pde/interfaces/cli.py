@@ -27,6 +27,15 @@ SUBCOMMAND_MODULES = (
 _OS_USER_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+class _ArgumentsError(Exception):
+    """Arguments the parser refuses; ``main`` prints the message as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit status 2, as for every other user error
+        raise _ArgumentsError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
 def comma_list(text: str) -> list[str]:
     """Names from a comma-separated argument ('diffusion,fisher_kpp' -> ['diffusion', 'fisher_kpp'])."""
     return [part.strip() for part in text.split(",") if part.strip()]
@@ -49,7 +58,7 @@ def at_least(low: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyrovae-pde",
         description="Mechanistic subtypes of neurodegeneration: a physics-informed VAE mixture of "
                     "reaction-diffusion PDEs.")
@@ -64,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _ArgumentsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
