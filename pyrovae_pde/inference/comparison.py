@@ -12,7 +12,8 @@ with other seeds) and reports
   both with SEs of their differences paired over subjects;
 * whether every fit converged. A model whose fits did not converge, or whose evidence disagrees
   with a larger model's subset evidence for the same mechanisms (a fitting failure on one side),
-  is flagged and not ranked, and so is one whose evidence is not finite.
+  is flagged and not ranked, and so is one whose evidence is not finite or rests on a few draws of
+  the globals (Pareto k of their importance weights above 0.7 and under a quarter of them effective).
 
 The verdict ranks the remaining models by log evidence: the best, or "not decided" when the top
 two lie within 2 combined SE.
@@ -33,6 +34,9 @@ from .evidence import ModelEvidence, model_evidence, subset_evidence
 from .marginal import cross_validated_lpd
 
 PARETO_K_MAX = 0.7
+# with Pareto k above PARETO_K_MAX, the globals' IWAE evidence is unreliable when fewer than this share
+# of its draws carry the weight (k alone is noisy when the weights are nearly uniform)
+GLOBALS_ESS_SHARE_MIN = 0.25
 DECISION_Z = 2.0  # the top two models must differ by this many combined SE for a verdict
 CONSISTENCY_Z = 3.0  # a model's evidence and a larger model's subset evidence may differ by this many SE
 CONSISTENCY_FLOOR = 1.0  # ... plus this many nats
@@ -124,7 +128,10 @@ def compare_models(runs: dict[str, list[FittedRun]], n_draws: int = 200, seed: i
                                                                                              for e in evs])),
                       "unconverged_integrals": float(np.mean([e.unconverged.float().mean() if e.unconverged is not None
                                                               else 0.0 for e in evs])),
-                      "elbo": float(np.mean([e.elbo for e in evs])), "status": "ranked"}
+                      "elbo": float(np.mean([e.elbo for e in evs])),
+                      "globals_pareto_k": float(np.nanmax([e.pareto_k_globals for e in evs] + [-np.inf])),
+                      "globals_ess_share": float(min(e.ess_globals / e.draws.n_draws for e in evs)),
+                      "status": "ranked"}
     notes: list[str] = []
     subsets = {}
     for name, fits in runs.items():
@@ -137,6 +144,12 @@ def compare_models(runs: dict[str, list[FittedRun]], n_draws: int = 200, seed: i
             row["status"] = "evidence failed"
             notes.append(f"{name}: not ranked: its log evidence is not finite (a numerical failure of the estimator; "
                          "please report it with the cohort)")
+        elif row["globals_pareto_k"] > PARETO_K_MAX and row["globals_ess_share"] < GLOBALS_ESS_SHARE_MIN:
+            row["status"] = "evidence unreliable"
+            notes.append(f"{name}: not ranked: its evidence rests on a few draws of the globals (Pareto k "
+                         f"{row['globals_pareto_k']:.2f} > {PARETO_K_MAX}, effective draws "
+                         f"{100 * row['globals_ess_share']:.0f}%): the posterior of its weights, noise and population "
+                         "priors is far from Gaussian; refit with --population-prior fixed")
         elif not row["converged"]:
             row["status"] = "not converged"
             notes.append(f"{name}: not ranked: its fit did not converge (see its warning; refit with a larger --epochs "

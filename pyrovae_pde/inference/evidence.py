@@ -60,6 +60,7 @@ class ModelEvidence:
     method: str = "quadrature"
     quadrature_error: float = 0.0
     unconverged: torch.Tensor | None = field(default=None, repr=False)
+    pareto_k_globals: float = math.nan  # PSIS k of the globals' importance weights (> 0.7: unreliable)
 
     def posterior_draws(self, seed: int = 0) -> PosteriorDraws:
         return sample_posterior(self.stats, self.draws, seed)
@@ -101,7 +102,7 @@ def model_evidence(module: MixturePDE, data: CohortTensors, method: str = "quadr
     unconverged = (stats.error > tolerance) if stats.quadrature and stats.error is not None else None
     return ModelEvidence(tuple(module.components), list(data.subjects), stats, draws, est.pointwise,
                          est.log_evidence, est.se, est.ess_globals, elbo, elbo_se, ess, method, est.quadrature_error,
-                         unconverged)
+                         unconverged, est.pareto_k)
 
 
 def fit_population(module: MixturePDE, data: CohortTensors, rounds: int = 2):

@@ -244,6 +244,7 @@ class EvidenceEstimate:
     se_globals: float
     quadrature_error: float = 0.0
     pointwise: torch.Tensor = field(default=None, repr=False)  # (G, N) log p(x_i | g)
+    pareto_k: float = math.nan  # of the importance weights of the globals' draws (> 0.7: unreliable)
 
 
 def iwae_log_evidence(stats: ParticleStats, draws: GlobalDraws, subset: tuple[int, ...] | None = None,
@@ -260,7 +261,20 @@ def iwae_log_evidence(stats: ParticleStats, draws: GlobalDraws, subset: tuple[in
     var_subjects = float((norm * _subject_variance(stats, draws, subset)).sum())
     bound = quadrature_error_bound(stats, draws, subset)
     se = math.sqrt(var_globals + var_subjects + (bound / 2) ** 2)
-    return EvidenceEstimate(value, se, ess, math.sqrt(var_subjects), math.sqrt(var_globals), bound, pointwise)
+    return EvidenceEstimate(value, se, ess, math.sqrt(var_subjects), math.sqrt(var_globals), bound, pointwise,
+                            globals_pareto_k(log_w))
+
+
+def globals_pareto_k(log_weights: torch.Tensor) -> float:
+    """Pareto k of the importance weights (G,) of the globals' draws (PSIS, ``az.psislw``): above
+    0.7 the IWAE estimate rests on a few draws and its SE is not to be trusted."""
+    import arviz as az
+
+    values = log_weights.detach().double().cpu().numpy()
+    if values.size < 10 or not np.isfinite(values).all():
+        return math.nan
+    return float(np.asarray(az.psislw(values - values.max())[1]))
+
 
 
 def cross_validated_lpd(stats: ParticleStats, module: MixturePDE, folds: int = 5, n_draws: int = 200,
