@@ -20,6 +20,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import ContractError, ExistingPathError
+from ..physics.domains import adjacency_problem
 
 SCHEMA_VERSION = "1"
 IN_MEMORY = "<in-memory dataset>"
@@ -192,17 +193,18 @@ def _check_graph(ds: xr.Dataset, fail: Callable[[str], ContractError]) -> None:
     if adjacency.shape != (n_nodes, n_nodes):
         raise fail(f"variable 'adjacency' has shape {adjacency.shape}; expected ({n_nodes}, {n_nodes}) to "
                    "match the signal's node dim")
-    if not np.isfinite(adjacency).all():
-        raise fail("variable 'adjacency' has NaN or inf entries; use 0 for no connection")
-    if (adjacency < 0).any():
-        i, j = np.argwhere(adjacency < 0)[0]
-        raise fail(f"variable 'adjacency' has a negative weight at ({i}, {j}); weights must be >= 0")
-    if not np.allclose(adjacency, adjacency.T, rtol=1e-6, atol=1e-10):
-        i, j = np.unravel_index(np.argmax(np.abs(adjacency - adjacency.T)), adjacency.shape)
-        raise fail(f"variable 'adjacency' is not symmetric (entry ({i}, {j}) differs from ({j}, {i})); "
-                   "symmetrise it, e.g. (A + A.T) / 2")
-    if np.any(np.diag(adjacency) != 0):
-        raise fail("variable 'adjacency' has a nonzero diagonal; set self-connections to 0")
+    problem = adjacency_problem(adjacency)
+    if problem is None:
+        return
+    kind, index = problem
+    i, j = (index + index)[:2]
+    raise fail({
+        "nonfinite": "variable 'adjacency' has NaN or inf entries; use 0 for no connection",
+        "negative": f"variable 'adjacency' has a negative weight at ({i}, {j}); weights must be >= 0",
+        "asymmetric": f"variable 'adjacency' is not symmetric (entry ({i}, {j}) differs from ({j}, {i})); "
+                      "symmetrise it, e.g. (A + A.T) / 2",
+        "diagonal": "variable 'adjacency' has a nonzero diagonal; set self-connections to 0",
+    }[kind])
 
 
 def _check_truth(ds: xr.Dataset, subjects: list[str], fail: Callable[[str], ContractError]) -> None:

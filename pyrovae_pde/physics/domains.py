@@ -165,19 +165,44 @@ def GridDomain(mask: np.ndarray, spacing: float | Sequence[float] = 1.0) -> Doma
                   tuple(float(h) for h in spacings))
 
 
+def adjacency_problem(matrix: np.ndarray) -> tuple[str, tuple[int, ...]] | None:
+    """The first problem of a square weight matrix as a graph's adjacency, or None.
+
+    Checked in this order: ``("nonfinite", (i, j))``, ``("negative", (i, j))``,
+    ``("asymmetric", (i, j))`` (the largest |A - A^T| entry, beyond rtol 1e-6 / atol 1e-10),
+    ``("diagonal", (i,))`` (a self-loop). Callers word the message in their own terms (entries,
+    atlas labels) and the fix.
+    """
+    bad = ~np.isfinite(matrix)
+    if bad.any():
+        return "nonfinite", tuple(int(v) for v in np.argwhere(bad)[0])
+    if (matrix < 0).any():
+        return "negative", tuple(int(v) for v in np.argwhere(matrix < 0)[0])
+    if not np.allclose(matrix, matrix.T, rtol=1e-6, atol=1e-10):
+        return "asymmetric", tuple(int(v) for v in np.unravel_index(np.argmax(np.abs(matrix - matrix.T)),
+                                                                      matrix.shape))
+    diagonal = np.flatnonzero(np.diag(matrix) != 0)
+    if diagonal.size:
+        return "diagonal", (int(diagonal[0]),)
+    return None
+
+
+_DOMAIN_ADJACENCY_MESSAGES = {
+    "nonfinite": "adjacency has NaN or inf entries; replace them with 0 (no connection)",
+    "negative": "adjacency has negative weights; connection strengths must be >= 0",
+    "asymmetric": "adjacency is not symmetric; symmetrise it, e.g. (A + A.T) / 2",
+    "diagonal": "adjacency has nonzero diagonal entries (self-loops); set the diagonal to 0",
+}
+
+
 def GraphDomain(adjacency: np.ndarray) -> Domain:
     """A graph with symmetric, nonnegative ``adjacency`` (n, n) and zero diagonal; L = diag(A 1) - A."""
     adjacency = np.asarray(adjacency, dtype=float)
     if adjacency.ndim != 2 or adjacency.shape[0] != adjacency.shape[1]:
         raise DomainError(f"adjacency must be a square (node, neighbor) matrix, got shape {adjacency.shape}")
-    if not np.all(np.isfinite(adjacency)):
-        raise DomainError("adjacency has NaN or inf entries; replace them with 0 (no connection)")
-    if np.any(adjacency < 0):
-        raise DomainError("adjacency has negative weights; connection strengths must be >= 0")
-    if not np.allclose(adjacency, adjacency.T, rtol=1e-6, atol=1e-10):
-        raise DomainError("adjacency is not symmetric; symmetrise it, e.g. (A + A.T) / 2")
-    if np.any(np.diag(adjacency) != 0):
-        raise DomainError("adjacency has nonzero diagonal entries (self-loops); set the diagonal to 0")
+    problem = adjacency_problem(adjacency)
+    if problem is not None:
+        raise DomainError(_DOMAIN_ADJACENCY_MESSAGES[problem[0]])
     sym = 0.5 * (adjacency + adjacency.T)
     laplacian = np.diag(sym.sum(axis=1)) - sym
     n = sym.shape[0]
