@@ -98,38 +98,56 @@ def run_one(cfg: dict, repeats: int, folds: int, draws: int) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def _outcome(r: dict) -> str:
+    """correct (the truth first, decided against another ranked model), single (only one model
+    ranked: no comparison was made), undecided, or wrong."""
+    if "the only model ranked" in r["verdict"] or r["verdict"].startswith("verdict: none"):
+        return "single"
+    if r["verdict"].startswith("verdict: not decided"):
+        return "undecided"
+    return "correct" if r["first"] == r["truth"] else "wrong"
+
+
 def summary(path: str) -> None:
     rows = [json.loads(line) for line in open(path)]
     print(f"{len(rows)} settings\n")
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["benchmark"], r["data"], r["subjects"], r["noise"], r["prior"]), []).append(r)
-    print("| benchmark | data | subjects | noise | prior | seeds | first & decided | not decided | wrong (z > 3) | "
-          "repeats within 2 SE | median z | compare s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    agree_all = []
+    print("| benchmark | data | subjects | noise | prior | seeds | first & decided | only one ranked | not decided | "
+          "wrong (z > 3) | repeats within 2 SE: all, ranked | median z | compare s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    agree_all, agree_ranked_all = [], []
     for k in sorted(groups):
         g = groups[k]
-        agree = []
+        agree, agree_ranked = [], []
         for r in g:
             for m in r["models"].values():
                 v, se = m["repeats"], m["repeat_se"]
                 if len(v) > 1:
-                    agree.append(abs(v[0] - v[1]) <= 2 * math.hypot(se[0], se[1]))
+                    ok = abs(v[0] - v[1]) <= 2 * math.hypot(se[0], se[1])
+                    agree.append(ok)
+                    if m["status"] == "ranked":
+                        agree_ranked.append(ok)
         agree_all += agree
-        wrong = sum(r["wrong"] for r in g)
-        wrong3 = sum(r["wrong"] and r["z"] > 3 for r in g)
-        zs = [r["z"] for r in g if np.isfinite(r["z"])]
-        print(f"| {' | '.join(str(x) for x in k)} | {len(g)} | {sum(r['correct'] for r in g)} | "
-              f"{sum(r['not_decided'] for r in g)} | {wrong} ({wrong3}) | "
-              f"{np.mean(agree) if agree else float('nan'):.2f} | {np.median(zs) if zs else float('nan'):.1f} | "
+        agree_ranked_all += agree_ranked
+        outcomes = [_outcome(r) for r in g]
+        wrong3 = sum(o == "wrong" and r["z"] > 3 for o, r in zip(outcomes, g))
+        zs = [r["z"] for r, o in zip(g, outcomes) if o == "correct" and np.isfinite(r["z"])]
+        print(f"| {' | '.join(str(x) for x in k)} | {len(g)} | {outcomes.count('correct')} | "
+              f"{outcomes.count('single')} | {outcomes.count('undecided')} | {outcomes.count('wrong')} ({wrong3}) | "
+              f"{np.mean(agree) if agree else float('nan'):.2f}, "
+              f"{np.mean(agree_ranked) if agree_ranked else float('nan'):.2f} | "
+              f"{np.median(zs) if zs else float('nan'):.1f} | "
               f"{np.median([r['fit_seconds'] + r['compare_seconds'] for r in g]):.0f} |")
-    print(f"\nall: {sum(r['correct'] for r in rows)}/{len(rows)} first and decided, "
-          f"{sum(r['not_decided'] for r in rows)} not decided, {sum(r['wrong'] for r in rows)} wrong "
-          f"({sum(r['wrong'] and r['z'] > 3 for r in rows)} at z > 3); repeats within 2 SE: "
-          f"{np.mean(agree_all) if agree_all else float('nan'):.3f} of {len(agree_all)}")
-    for r in rows:
-        if r["wrong"] or r["not_decided"]:
+    outcomes = [_outcome(r) for r in rows]
+    print(f"\nall: {outcomes.count('correct')}/{len(rows)} first and decided, {outcomes.count('single')} with only "
+          f"one model ranked, {outcomes.count('undecided')} not decided, {outcomes.count('wrong')} wrong "
+          f"({sum(o == 'wrong' and r['z'] > 3 for o, r in zip(outcomes, rows))} at z > 3); repeats within 2 SE: "
+          f"{np.mean(agree_all) if agree_all else float('nan'):.3f} of {len(agree_all)} (ranked models: "
+          f"{np.mean(agree_ranked_all) if agree_ranked_all else float('nan'):.3f} of {len(agree_ranked_all)})")
+    for r, o in zip(rows, outcomes):
+        if o != "correct":
             print(f"- {key(r)}: {r['verdict']}")
 
 
