@@ -33,6 +33,8 @@ from ..model.module import MixturePDE
 from .particles import DTYPE, ParticleStats
 from .population import hyperprior_log_density
 
+GLOBAL_SEARCH_HALF_WIDTH = 20.0  # nats of log scale / logit around the start: e^20 either way
+
 
 @dataclass
 class GlobalDraws:
@@ -111,7 +113,8 @@ class GlobalSpace:
     def __init__(self, module: MixturePDE, stats: ParticleStats, subset: list[int]):
         self.module, self.subset = module, subset
         p = module.priors
-        self.noise_prior = dist.LogNormal(torch.tensor(math.log(p.noise_median), dtype=DTYPE),
+        # LogNormal on sigma, written on u_0 = log sigma (Jacobian included): finite wherever exp underflows
+        self.noise_prior = dist.Normal(torch.tensor(math.log(p.noise_median), dtype=DTYPE),
                                           torch.tensor(p.noise_log_sd, dtype=DTYPE))
         self.weights_prior = dist.Dirichlet(torch.full((len(subset),), float(p.weights_concentration), dtype=DTYPE))
         self.learned = bool(getattr(module, "population_learned", torch.tensor(False)))
@@ -138,7 +141,7 @@ class GlobalSpace:
         sigma = torch.exp(u[:, 0])
         logits = torch.cat([torch.zeros_like(u[:, :1]), u[:, 1:k]], dim=1)
         log_w = torch.log_softmax(logits, dim=1)
-        log_prior = self.noise_prior.log_prob(sigma) + u[:, 0]  # Jacobian of sigma = exp(u_0)
+        log_prior = self.noise_prior.log_prob(u[:, 0])
         if k > 1:  # Dirichlet density times the additive-log-ratio Jacobian prod_k w_k
             log_prior = log_prior + self.weights_prior.log_prob(torch.exp(log_w)) + log_w.sum(dim=1)
         population = None
@@ -178,7 +181,10 @@ def laplace_globals(stats: ParticleStats, module: MixturePDE, n_draws: int = 200
         value.backward()
         return float(value.detach()), u.grad.numpy().copy()
 
-    res = minimize(neg, space.start(noise0), jac=True, method="L-BFGS-B")
+    start = space.start(noise0)
+    # bounds keep the line search away from values where exp under- or overflows (sigma = 0)
+    bounds = [(x - GLOBAL_SEARCH_HALF_WIDTH, x + GLOBAL_SEARCH_HALF_WIDTH) for x in start]
+    res = minimize(neg, start, jac=True, method="L-BFGS-B", bounds=bounds)
     mode = torch.tensor(res.x, dtype=DTYPE)
     hess = torch.autograd.functional.hessian(lambda u: -space.log_joint(stats, u[None])[0][0], mode)
     # The data can only add precision to the prior's: where the likelihood's part of the Hessian is
