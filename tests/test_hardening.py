@@ -91,3 +91,12 @@ def test_flags_that_cannot_make_sense_are_refused_by_the_parser(fitted, tmp_path
     assert main(["fit", str(data), "--components", "fisher_kpp", "--out", str(out), *flags]) == 2
     _one_line_error(capsys, "pyrovae-pde fit: error: " + message)
     assert not out.exists()
+
+
+def test_predict_still_accepts_zero_particles():
+    """--particles 0 means the Laplace approximation alone (no importance draws): the parser's
+    range for predict starts at 0, not 1."""
+    from pyrovae_pde.interfaces.cli import build_parser
+
+    args = build_parser().parse_args(["predict", "run", "cohort.nc", "--out", "post.nc", "--particles", "0"])
+    assert args.particles == 0

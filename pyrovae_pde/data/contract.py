@@ -197,7 +197,7 @@ def _check_graph(ds: xr.Dataset, fail: Callable[[str], ContractError]) -> None:
     if problem is None:
         return
     kind, index = problem
-    i, j = (index + index)[:2]
+    i, j = index if len(index) == 2 else (index[0], index[0])
     raise fail({
         "nonfinite": "variable 'adjacency' has NaN or inf entries; use 0 for no connection",
         "negative": f"variable 'adjacency' has a negative weight at ({i}, {j}); weights must be >= 0",

@@ -115,7 +115,7 @@ class GlobalSpace:
         p = module.priors
         # LogNormal on sigma, written on u_0 = log sigma (Jacobian included): finite wherever exp underflows
         self.noise_prior = dist.Normal(torch.tensor(math.log(p.noise_median), dtype=DTYPE),
-                                          torch.tensor(p.noise_log_sd, dtype=DTYPE))
+                                       torch.tensor(p.noise_log_sd, dtype=DTYPE))
         self.weights_prior = dist.Dirichlet(torch.full((len(subset),), float(p.weights_concentration), dtype=DTYPE))
         self.learned = bool(getattr(module, "population_learned", torch.tensor(False)))
         self.base_loc = module.population_loc.to(DTYPE)[subset]  # (|S|, 2)
@@ -280,7 +280,6 @@ def globals_pareto_k(log_weights: torch.Tensor) -> float:
     if values.size < 10 or not np.isfinite(values).all():
         return math.nan
     return float(np.asarray(az.psislw(values - values.max())[1]))
-
 
 
 def cross_validated_lpd(stats: ParticleStats, module: MixturePDE, folds: int = 5, n_draws: int = 200,

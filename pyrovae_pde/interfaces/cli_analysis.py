@@ -20,13 +20,6 @@ def _evaluation_arguments(p: argparse.ArgumentParser, draws: int = 200) -> None:
     p.add_argument("--draws", type=at_least(1), default=draws, help=f"posterior draws of the globals (default {draws})")
 
 
-def _check_counts(args) -> None:
-    for name in ("particles", "draws"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be >= 1, got {value}")
-
-
 def format_table(table, columns=None, digits: int = 1) -> str:
     cols = columns or ["rank", "model", "converged", "repeats", "log_evidence", "log_evidence_se", "log_evidence_diff",
                        "z", "elpd_loo", "elpd_loo_diff", "elpd_loo_diff_se", "max_pareto_k", "elpd_cv", "elpd_cv_diff",
@@ -67,9 +60,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..data.contract import atomic_write
     from .api import SubtypeModel, compare
 
-    _check_counts(args)
-    if args.repeats < 1 or args.folds < 2:
-        raise UserError(f"--repeats must be >= 1 and --folds >= 2, got {args.repeats} and {args.folds}")
     candidates = _candidates(args)
     if not candidates and not args.runs:
         raise UserError("give models to fit (--models fisher_kpp diffusion fisher_kpp,diffusion, or --mechanisms "
@@ -130,7 +120,6 @@ def cmd_ppc(args: argparse.Namespace) -> int:
     from ..inference.ppc import plot_ppc_figures
     from .api import SubtypeModel
 
-    _check_counts(args)
     if not args.threshold > 0:
         raise UserError(f"--threshold must be > 0, got {args.threshold}")
     model = SubtypeModel.load(args.run_dir)
@@ -169,7 +158,6 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     from ..data.contract import atomic_write
     from .api import SubtypeModel
 
-    _check_counts(args)
     times = _parse_times(args.times)
     model = SubtypeModel.load(args.run_dir)
     warn_if_unconverged(model, args.run_dir)
@@ -190,7 +178,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..inference.arviz_export import save_inference_data
     from .api import SubtypeModel
 
-    _check_counts(args)
     model = SubtypeModel.load(args.run_dir)
     warn_if_unconverged(model, args.run_dir)
     ds = load_dataset(args.data)

@@ -34,7 +34,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=TrainConfig.learning_rate,
                    help=f"learning rate of the mixture weights and noise (default {TrainConfig.learning_rate})")
     p.add_argument("--restarts", type=at_least(1), default=TrainConfig.restarts,
-                   help="fit this many times from different seeds and keep the best validation ELBO (default 1)")
+                   help="fit this many times from different seeds and keep the best validation ELBO "
+                        f"(default {TrainConfig.restarts})")
     p.add_argument("--population-prior", choices=("learned", "fixed"),
                    default="learned" if TrainConfig.learn_population else "fixed",
                    help="learned (default): each mechanism's population of D and r is learned from the cohort "
@@ -196,7 +197,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="Levenberg-Marquardt iterations of the per-subject Laplace refinement")
     p.add_argument("--no-refine", dest="refine", action="store_false",
                    help="skip the Laplace refinement: the amortized guide alone, importance-sampled")
-    p.add_argument("--particles", type=at_least(1), default=None,
+    p.add_argument("--particles", type=at_least(0), default=None,
                    help="importance samples per subject and subtype: from the Laplace approximation "
                         "(default 128 on domains of at most 256 nodes, else 0: Laplace alone), or from "
                         "the guide with --no-refine (default 8)")
