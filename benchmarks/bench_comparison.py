@@ -46,11 +46,13 @@ def configs(args) -> list[dict]:
         a, b = SETTINGS[bench]["mechanisms"]
         for n, noise, prior, seed, data in itertools.product(args.sizes, args.noise, args.priors, args.seeds,
                                                              (a, b, f"{a},{b}")):
+            if args.data and data not in args.data:
+                continue
             out.append({"benchmark": bench, "data": data, "subjects": n, "noise": noise, "prior": prior, "seed": seed})
     return out
 
 
-def run_one(cfg: dict, repeats: int, folds: int, draws: int) -> dict:
+def run_one(cfg: dict, repeats: int, folds: int, draws: int, population: str = "base") -> dict:
     import torch
 
     from pyrovae_pde.data import simulate
@@ -72,7 +74,7 @@ def run_one(cfg: dict, repeats: int, folds: int, draws: int) -> dict:
             fit_seconds += time.perf_counter() - start
             runs.setdefault(name, []).append(model)
     start = time.perf_counter()
-    result = compare(runs, ds, n_draws=draws, seed=0, folds=folds, source="bench")
+    result = compare(runs, ds, n_draws=draws, seed=0, folds=folds, source="bench", population=population)
     compare_seconds = time.perf_counter() - start
     table = result.table.set_index("model")
     models = {}
@@ -158,6 +160,9 @@ def main(argv=None) -> int:
     parser.add_argument("--noise", type=float, nargs="+", default=[0.02, 0.05])
     parser.add_argument("--priors", nargs="+", choices=("matched", "default"), default=["matched", "default"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--evidence-population", choices=("base", "learned"), default="base",
+                        help="population priors the models are compared under (compare's option)")
+    parser.add_argument("--data", nargs="+", help="only these data types (e.g. diffusion fisher_kpp,diffusion)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--draws", type=int, default=200)
@@ -175,7 +180,8 @@ def main(argv=None) -> int:
     todo = [c for i, c in enumerate(configs(args)) if i % count == index and key(c) not in done]
     print(f"{len(todo)} settings to run", flush=True)
     for cfg in todo:
-        res = run_one(cfg, args.repeats, args.folds, args.draws)
+        res = run_one(cfg, args.repeats, args.folds, args.draws, args.evidence_population)
+        res["evidence_population"] = args.evidence_population
         line = json.dumps(res, default=float)
         print(json.dumps({k: res[k] for k in ("benchmark", "data", "subjects", "noise", "prior", "seed", "first",
                                                 "decided", "z", "fit_seconds", "compare_seconds")}), flush=True)

@@ -196,12 +196,15 @@ def test_globals_pareto_k_separates_heavy_from_light_importance_weights():
     assert globals_pareto_k(light) < 0.7 < globals_pareto_k(heavy)
 
 
-def test_compare_does_not_rank_an_evidence_that_rests_on_a_few_global_draws():
-    """Regression (bench_comparison, diffusion-only data, noise 0.05, default priors, seed 1): the
-    Fisher-KPP + diffusion mixture's learned reaction population collapses onto narrow priors where
-    the re-weighted quadrature overestimates, and it was ranked ahead of the true diffusion model at
-    z = 4.8. Its importance weights over the globals say so (Pareto k > 0.7, a few effective
-    draws): compare flags it instead of ranking it, and the true model is first."""
+def test_compare_names_diffusion_on_diffusion_data_with_a_wide_spread_of_d():
+    """Regression (bench_comparison, diffusion-only data, D uniform over [0.05, 1], noise 0.05,
+    default priors, seed 1). First the Fisher-KPP + diffusion mixture's learned reaction population
+    collapsed onto narrow priors where re-weighted quadrature overestimates (ranked ahead at z =
+    4.8); then, with that estimator fixed (surrogate ratio, nodes placed at the globals' mode), the
+    learned populations still put the mixture ahead, honestly: its Fisher-KPP component at a
+    negligible r gives the uniform D a second lognormal population. Compared under the base priors
+    (the default) the true model is first and decided; under the learned ones both evidences are
+    now reliable (no longer resting on a few draws of the globals)."""
     from pyrovae_pde import compare
 
     ds = simulate("graph", 100, seed=2001, noise_sd=0.05, components=("diffusion",))
@@ -209,7 +212,7 @@ def test_compare_does_not_rank_an_evidence_that_rests_on_a_few_global_draws():
               for name in ("diffusion", "fisher_kpp,diffusion")}
     result = compare(models, ds, n_draws=200, folds=2, elbo_draws=0)
     table = result.table.set_index("model")
-    assert table.loc["fisher_kpp,diffusion", "status"] == "evidence unreliable"
-    assert table.loc["fisher_kpp,diffusion", "globals_pareto_k"] > 0.7
-    assert table.loc["diffusion", "status"] == "ranked" and table.loc["diffusion", "rank"] == 1
-    assert any("rests on a few draws of the globals" in w for w in result.warnings)
+    assert (table["status"] == "ranked").all()
+    assert table.loc["diffusion", "rank"] == 1 and result.verdict.startswith("verdict: diffusion: ahead of")
+    learned = compare(models, ds, n_draws=200, folds=2, elbo_draws=0, population="learned").table.set_index("model")
+    assert (learned["status"] == "ranked").all(), learned[["status", "globals_pareto_k", "globals_ess_share"]]

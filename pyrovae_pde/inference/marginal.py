@@ -34,6 +34,8 @@ from .particles import DTYPE, ParticleStats
 from .population import hyperprior_log_density
 
 GLOBAL_SEARCH_HALF_WIDTH = 20.0  # nats of log scale / logit around the start: e^20 either way
+TRUST_LOC = 1.0  # population sds a trust-region search may move each population's location
+TRUST_LOG_SCALE = 0.5  # and its log sd
 
 
 @dataclass
@@ -47,6 +49,7 @@ class GlobalDraws:
     log_q: torch.Tensor
     log_prior: torch.Tensor
     population: tuple[torch.Tensor, torch.Tensor] | None = None
+    mode_population: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def n_draws(self) -> int:
@@ -58,10 +61,12 @@ class GlobalDraws:
 
 
 # --------------------------------------------------------------------------- per-subject integrals
-def _point_log_lik(stats: ParticleStats, noise: torch.Tensor, population, components: list[int] | None):
-    """log p(x_i | point, sigma) + log_ratio under the population priors: (G, P, N, K')."""
+def _point_log_lik(stats: ParticleStats, noise: torch.Tensor, population, components: list[int] | None,
+                   sse: torch.Tensor | None = None):
+    """log p(x_i | point, sigma) + log_ratio under the population priors: (G, P, N, K').
+    ``sse`` (P, N, K): sums of squared residuals to use instead of the points' own."""
     comps = list(range(len(stats.components))) if components is None else list(components)
-    sse, ratio = stats.sse[..., comps], stats.log_ratio[..., comps]
+    sse, ratio = (stats.sse if sse is None else sse)[..., comps], stats.log_ratio[..., comps]
     s = observation_sd(noise[:, None, None, None])
     out = gaussian_log_likelihood(sse, stats.n_obs[:, None], s) + ratio
     if population is not None:  # re-weight every point from the prior it was made with to h_g
@@ -74,6 +79,28 @@ def _point_log_lik(stats: ParticleStats, noise: torch.Tensor, population, compon
     return out
 
 
+def _log_z(stats: ParticleStats, noise: torch.Tensor, population, components: list[int] | None):
+    """(point log weights (G, P, N, K'), log Z_ik (G, N, K')) at the draws (noise, population).
+
+    For quadrature nodes re-weighted to other population priors, log Z is the ratio estimator of
+    ``surrogate``: the surrogate's closed-form integral times the nodes' estimate over the
+    surrogate's estimate on the same nodes (the re-weighting error cancels)."""
+    lw = _point_log_lik(stats, noise, population, components)
+    log_z = torch.logsumexp(lw, dim=1) - math.log(stats.n_particles)
+    if population is not None and stats.surrogate is not None:
+        comps = list(range(len(stats.components))) if components is None else list(components)
+        sur = stats.surrogate
+        sur_k = sur.components(comps)
+        a, b = (t[..., comps] for t in stats.theta)
+        full_sse = torch.zeros_like(stats.sse)
+        full_sse[..., comps] = sur_k.sse(a, b)
+        on_nodes = torch.logsumexp(_point_log_lik(stats, noise, population, components, full_sse), dim=1)
+        exact = sur_k.log_integral(observation_sd(noise[:, None, None]), stats.n_obs, population[0], population[1],
+                                   stats.has_rate[comps])
+        log_z = log_z + exact - (on_nodes - math.log(stats.n_particles))
+    return lw, log_z
+
+
 def component_log_evidence(stats: ParticleStats, noise: torch.Tensor, population=None, chunk: int = 16,
                            components: list[int] | None = None) -> torch.Tensor:
     """log Z_ik(sigma, h) = log p(x_i | subtype k, sigma, h) for each global draw: (G, N, K').
@@ -84,8 +111,7 @@ def component_log_evidence(stats: ParticleStats, noise: torch.Tensor, population
     for start in range(0, noise.shape[0], chunk):
         sl = slice(start, start + chunk)
         pop = None if population is None else (population[0][sl], population[1][sl])
-        lw = _point_log_lik(stats, noise[sl], pop, components)
-        out.append(torch.logsumexp(lw, dim=1) - math.log(stats.n_particles))
+        out.append(_log_z(stats, noise[sl], pop, components)[1])
     return torch.cat(out)
 
 
@@ -165,10 +191,12 @@ class GlobalSpace:
 
 
 def laplace_globals(stats: ParticleStats, module: MixturePDE, n_draws: int = 200, seed: int = 0,
-                    subset: tuple[int, ...] | None = None) -> GlobalDraws:
+                    subset: tuple[int, ...] | None = None, trust_region: bool = False) -> GlobalDraws:
     """Draws of the globals from a Laplace approximation of their posterior p(g | X), the
     subjects' latents and subtypes integrated out by ``stats``; ``subset``: the sub-model of those
-    components (its own weights and population priors)."""
+    components (its own weights and population priors). ``trust_region``: search the population
+    priors only within ``TRUST_LOC`` population sds and ``TRUST_LOG_SCALE`` in log sd of the
+    module's (those the points were made with), where re-weighting the points is accurate."""
     from scipy.optimize import minimize
 
     subset = list(range(len(stats.components))) if subset is None else list(subset)
@@ -184,6 +212,12 @@ def laplace_globals(stats: ParticleStats, module: MixturePDE, n_draws: int = 200
     start = space.start(noise0)
     # bounds keep the line search away from values where exp under- or overflows (sigma = 0)
     bounds = [(x - GLOBAL_SEARCH_HALF_WIDTH, x + GLOBAL_SEARCH_HALF_WIDTH) for x in start]
+    if trust_region and space.learned:
+        off = len(subset)
+        for f in range(len(space.free)):
+            mu, log_tau = start[off + 2 * f], start[off + 2 * f + 1]
+            bounds[off + 2 * f] = (mu - TRUST_LOC * math.exp(log_tau), mu + TRUST_LOC * math.exp(log_tau))
+            bounds[off + 2 * f + 1] = (log_tau - TRUST_LOG_SCALE, log_tau + TRUST_LOG_SCALE)
     res = minimize(neg, start, jac=True, method="L-BFGS-B", bounds=bounds)
     mode = torch.tensor(res.x, dtype=DTYPE)
     hess = torch.autograd.functional.hessian(lambda u: -space.log_joint(stats, u[None])[0][0], mode)
@@ -203,7 +237,10 @@ def laplace_globals(stats: ParticleStats, module: MixturePDE, n_draws: int = 200
     u = mode + torch.randn(n_draws, space.dim, generator=generator, dtype=DTYPE) @ chol.T
     with torch.no_grad():
         sigma, log_w, population, log_prior = space.unpack(u)
-    return GlobalDraws(torch.exp(log_w), sigma, q.log_prob(u), log_prior, population)
+        mode_population = space.unpack(mode[None])[2]
+    if mode_population is not None:
+        mode_population = (mode_population[0][0], mode_population[1][0])
+    return GlobalDraws(torch.exp(log_w), sigma, q.log_prob(u), log_prior, population, mode_population)
 
 
 # --------------------------------------------------------------------------- the evidence
@@ -325,8 +362,7 @@ def sample_posterior(stats: ParticleStats, draws: GlobalDraws, seed: int = 0, ch
     subtypes, particles, log_probs = [], [], []
     for start in range(0, draws.n_draws, chunk):
         part = draws.chunk(slice(start, start + chunk))
-        lw = _point_log_lik(stats, part.noise, part.population, None)  # (g, P, N, K)
-        log_z = torch.logsumexp(lw, dim=1) - math.log(stats.n_particles)  # (g, N, K)
+        lw, log_z = _log_z(stats, part.noise, part.population, None)  # (g, P, N, K), (g, N, K)
         joint = torch.log(part.weights)[:, None, :] + log_z
         log_prob = joint - torch.logsumexp(joint, dim=-1, keepdim=True)
         g, n, k = log_prob.shape

@@ -34,6 +34,7 @@ from .encoding import GuideSummary, encode_cohort
 from .laplace import laplace_fit, pooled_residual_variance
 from .quadrature import DEFAULT_TOLERANCE, log_prior, node_sse, quadrature_nodes
 from .search import search_modes
+from .surrogate import ResidualSurrogate, fit_surrogate
 
 DTYPE = torch.float64
 
@@ -61,6 +62,7 @@ class ParticleStats:
     fields: torch.Tensor | None = field(default=None, repr=False)  # (P, N, K, T, n) float32, if kept
     log_prior_ref: torch.Tensor | None = field(default=None, repr=False)
     error: torch.Tensor | None = field(default=None, repr=False)
+    surrogate: ResidualSurrogate | None = field(default=None, repr=False)  # quadrature nodes only
 
     @property
     def n_particles(self) -> int:
@@ -102,7 +104,8 @@ class ParticleStats:
             self, subjects=[self.subjects[i] for i in index.tolist()], sse=self.sse[:, index],
             log_ratio=self.log_ratio[:, index], n_obs=self.n_obs[index], diffusivity=self.diffusivity[:, index],
             reaction=self.reaction[:, index], fields=pick(self.fields), log_prior_ref=pick(self.log_prior_ref),
-            error=None if self.error is None else self.error[index])
+            error=None if self.error is None else self.error[index],
+            surrogate=None if self.surrogate is None else self.surrogate.subset(index))
 
 
 @dataclass
@@ -261,9 +264,12 @@ def quadrature_stats(module: MixturePDE, data: CohortTensors, tolerance: float =
     log_ratio = nodes.log_rule + nodes.log_prior + math.log(p)
     r = torch.where(has_rate, torch.exp(nodes.b), torch.full_like(nodes.b, math.nan))
     noise = math.sqrt(max(sd ** 2 - NOISE_FLOOR ** 2, 1e-12))
+    log_posterior = log_ratio + gaussian_log_likelihood(nodes.sse, nodes.n_obs[:, None], sd)
+    surrogate = fit_surrogate(nodes.a.cpu(), nodes.b.cpu(), nodes.sse.cpu(), log_posterior.cpu(), has_rate.cpu(),
+                              sd ** 2)
     return ParticleStats(list(data.subjects), tuple(module.components), nodes.sse.cpu(), log_ratio.cpu(),
                          nodes.n_obs.cpu(), torch.exp(nodes.a).cpu(), r.cpu(), noise_ref=noise, proposal="quadrature",
-                         log_prior_ref=nodes.log_prior.cpu(), error=nodes.error.cpu())
+                         log_prior_ref=nodes.log_prior.cpu(), error=nodes.error.cpu(), surrogate=surrogate)
 
 
 def profile_noise(stats: ParticleStats) -> float:

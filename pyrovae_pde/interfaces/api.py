@@ -357,14 +357,17 @@ class SubtypeModel:
 
 
 def compare(models: Mapping[str, "SubtypeModel | Sequence[SubtypeModel]"], ds: xr.Dataset, n_draws: int = 200,
-            seed: int = 0, folds: int = 5, elbo_draws: int = 4, source: str = "<dataset>") -> "Comparison":
+            seed: int = 0, folds: int = 5, elbo_draws: int = 4, source: str = "<dataset>",
+            population: str = "base") -> "Comparison":
     """Compare fitted models on one cohort, like ``az.compare``: name -> a model, or a list of fits
     of the same components (repeats with other seeds, whose spread enters the evidence's SE).
 
     Returns a ``Comparison``: ``table`` (one row per model: log evidence and SE, PSIS-LOO,
     ``folds``-fold cross-validated lpd, ELBO; nats), the ``verdict`` line and ``warnings``. A model
     whose fits did not converge is flagged, not ranked. ``n_draws``: posterior draws of the globals;
-    ``elbo_draws``: draws of each fit's ELBO (0: not computed). See ``inference.comparison``.
+    ``elbo_draws``: draws of each fit's ELBO (0: not computed); ``population``: ``"base"``
+    (default: every model under its base priors, so that no mixture wins by reshaping a
+    population) or ``"learned"`` (each fit's learned population priors). See ``inference.comparison``.
     """
     from ..inference.comparison import FittedRun, compare_models
 
@@ -378,7 +381,8 @@ def compare(models: Mapping[str, "SubtypeModel | Sequence[SubtypeModel]"], ds: x
                              f"{sorted({','.join(m.components) for m in fits})}; give each its own name")
         runs[name] = [FittedRun(m._require_fitted(), m.tensors(ds, source), m.converged_,
                                 -1 if m.seed_ is None else m.seed_) for m in fits]
-    return compare_models(runs, n_draws=n_draws, seed=seed, folds=folds, elbo_draws=elbo_draws)
+    return compare_models(runs, n_draws=n_draws, seed=seed, folds=folds, elbo_draws=elbo_draws,
+                          population=population)
 
 
 def _space_coords(ds: xr.Dataset) -> dict[str, np.ndarray]:

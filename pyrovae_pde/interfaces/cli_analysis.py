@@ -93,7 +93,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"evaluating {len(runs)} model(s): quadrature of every subject's integrals, {args.draws} posterior draws of "
           f"the globals, {args.folds}-fold cross-validation", flush=True)
     start = time.perf_counter()
-    result = compare(runs, ds, n_draws=args.draws, seed=args.seed, folds=args.folds, source=source)
+    result = compare(runs, ds, n_draws=args.draws, seed=args.seed, folds=args.folds, source=source,
+                     population=args.evidence_population)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "comparison.csv", lambda tmp: result.table.to_csv(tmp, index=False))
     from .plots import plot_comparison
@@ -210,6 +211,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (comparison.csv, comparison.png, verdict.txt, runs/)")
     add_training_arguments(p)
     p.add_argument("--draws", type=at_least(1), default=200, help="posterior draws of the globals (default 200)")
+    p.add_argument("--evidence-population", choices=("base", "learned"), default="base",
+                   help="population priors the models are compared under: base (default: the --prior ranges, "
+                        "shared by every mechanism, so no mixture wins by reshaping a population) or learned "
+                        "(each fit's learned population priors)")
     p.set_defaults(handler=cmd_compare)
 
     p = subparsers.add_parser("ppc", help="posterior predictive checks of a fitted model")
