@@ -12,7 +12,7 @@ from __future__ import annotations
 __all__ = [
     "PyrovaePDEError", "InputError", "UnknownNameError", "PathError", "MissingFileError", "ExistingPathError",
     "ContractError", "SimulationError", "ImagingError", "DomainError", "SolverInputError", "ModelError",
-    "TrainingDivergedError", "UserError",
+    "TrainingDivergedError", "UserError", "RunDirectoryBusyError",
 ]
 
 
@@ -41,6 +41,10 @@ class MissingFileError(PathError, FileNotFoundError):
 
 class ExistingPathError(PathError, FileExistsError):
     """A path that exists but is the wrong kind (a file where a directory is needed, or the reverse)."""
+
+
+class RunDirectoryBusyError(PathError, BlockingIOError):
+    """A run directory another process is writing (``data.locking``)."""
 
 
 class ContractError(InputError):

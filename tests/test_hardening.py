@@ -37,9 +37,64 @@ def _one_line_error(capsys, *parts):
 
 
 def test_a_log_gets_lines_not_progress_bar_redraws(fitted):
+    """stderr a pipe: no progress-bar redraws, one log line per epoch with its figures."""
     *_, stderr = fitted
     assert "\r" not in stderr
+    epochs = [line for line in stderr.splitlines() if ": epoch " in line]
+    assert [line.split(": epoch ")[1].split(":")[0] for line in epochs] == ["1/2", "2/2"], stderr
+    assert all("validation ELBO" in line for line in epochs)
     assert len(stderr.strip().splitlines()) < 15
+
+
+def test_quiet_leaves_a_log_without_epoch_lines(fitted, tmp_path):
+    _, data, _, _ = fitted
+    proc = subprocess.run([sys.executable, "-m", "pyrovae_pde", "--quiet", "fit", str(data), "--components",
+                           "fisher_kpp", "--out", str(tmp_path / "run"), "--epochs", "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert ": epoch " not in proc.stderr and "\r" not in proc.stderr
+    assert (tmp_path / "run" / "model.json").exists()
+
+
+def test_library_users_can_route_the_training_log(caplog):
+    from pyrovae_pde import SubtypeModel
+
+    ds = simulate("graph", 12, seed=3, noise_sd=0.02, components=("diffusion",))
+    with caplog.at_level("INFO", logger="pyrovae_pde"):
+        SubtypeModel("diffusion").fit(ds, epochs=1, progress=False)
+    assert any(r.name == "pyrovae_pde.inference.train" and "epoch 1/1" in r.getMessage() for r in caplog.records)
+
+
+def test_a_second_writer_of_a_run_directory_is_refused_and_writes_nothing(fitted, tmp_path, capsys):
+    from pyrovae_pde.data.locking import locked_run_directory
+
+    _, data, _, _ = fitted
+    run = tmp_path / "run"
+    with locked_run_directory(run):
+        assert main(["fit", str(data), "--components", "fisher_kpp", "--out", str(run), "--epochs", "1"]) == 2
+    _one_line_error(capsys, str(run), "is being written by process", "another --out")
+    assert not (run / "model.json").exists() and not (run / "checkpoint.pt").exists()
+
+
+def test_a_killed_writer_leaves_no_stale_lock(tmp_path):
+    """The lock is the operating system's: kill -9 of its holder frees it (fit --resume can go on)."""
+    from pyrovae_pde.data.locking import locked_run_directory
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from pyrovae_pde.data.locking import locked_run_directory\n"
+                               f"with locked_run_directory({str(run)!r}):\n"
+                               "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    from pyrovae_pde.errors import RunDirectoryBusyError
+
+    with pytest.raises(RunDirectoryBusyError, match=f"process {holder.pid}"):
+        with locked_run_directory(run):
+            pass
+    holder.kill()
+    holder.wait()
+    with locked_run_directory(run):
+        pass
 
 
 @pytest.mark.parametrize("command", ["predict", "ppc", "export-arviz"])

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from .evidence import (
 )
 from .marginal import cross_validated_lpd
 
+LOGGER = logging.getLogger(__name__)
 POPULATIONS = ("base", "learned")
 PARETO_K_MAX = 0.7
 # with Pareto k above PARETO_K_MAX, the globals' IWAE evidence is unreliable when fewer than this share
@@ -159,6 +161,8 @@ def compare_models(runs: dict[str, list[FittedRun]], n_draws: int = 200, seed: i
         if population == "base":
             evs = [dataclasses.replace(e, elbo=elbo, elbo_se=elbo_se) for e, (elbo, elbo_se) in zip(evs, elbos[name])]
         evidences[name] = evs
+        LOGGER.info("compare: %s: log evidence %s", name, ", ".join(f"{e.log_evidence:.1f} +- {e.log_evidence_se:.1f}"
+                                                                  for e in evs))
         values = np.array([e.log_evidence for e in evs])
         mc_se = float(math.sqrt(np.mean([e.log_evidence_se ** 2 for e in evs])))
         spread = float(values.std(ddof=1)) if len(values) > 1 else math.nan

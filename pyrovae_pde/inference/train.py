@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import asdict
@@ -60,6 +61,8 @@ from .objective import evaluate_elbo, noise_sd, refine
 from .prior_check import prior_conflict
 from .train_config import TrainConfig, TrainState
 from .trainer import Trainer
+
+LOGGER = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_NAME", "TrainConfig", "TrainState", "TrainingDivergedError", "train", "refine",
            "evaluate_elbo", "noise_sd"]
@@ -226,6 +229,9 @@ def _train_once(module: MixturePDE, data: CohortTensors, config: TrainConfig, ch
         # improvements within twice the validation ELBO's MC error are not improvements
         plateau, state.elbo_slope = _plateau(values, config.plateau_window, max(config.plateau_tolerance, 2 * se))
         bar.set_postfix({k: f"{record[k]:.4g}" for k in ("train_elbo", "val_elbo") if k in record})
+        LOGGER.info("%s: epoch %d/%d: train ELBO %.4g, validation ELBO %.4g +- %.2g%s", desc, state.epoch,
+                    config.epochs, record.get("train_elbo", math.nan), record["val_elbo"], se,
+                    "; rolled back, learning rate halved" if collapsed else "")
         done = plateau and state.epoch >= config.min_epochs and not collapsed
         if done:
             state.converged, state.stopped_early, state.stop_reason = True, state.epoch < config.epochs, "plateau"

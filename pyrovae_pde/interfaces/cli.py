@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from typing import Sequence
 
@@ -57,6 +58,31 @@ def at_least(low: int):
     return parse
 
 
+_OUTPUT = {"progress": False}
+
+
+def configure_output(quiet: bool = False, verbose: bool = False) -> None:
+    """Where the package's messages go: progress bars on a terminal only; its ``logging`` records
+    (one line per training epoch, per model compared, ...) to stderr at INFO when stderr is not a
+    terminal (a batch job's log) or with ``--verbose`` (then DEBUG); ``--quiet``: warnings and
+    errors only, no progress bars."""
+    terminal = sys.stderr.isatty()
+    _OUTPUT["progress"] = terminal and not quiet
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.WARNING if terminal else logging.INFO
+    logger = logging.getLogger("pyrovae_pde")
+    logger.setLevel(level)
+    if not any(getattr(h, "_pyrovae_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler._pyrovae_cli = True
+        logger.addHandler(handler)
+
+
+def show_progress() -> bool:
+    """Whether commands draw progress bars (``configure_output``)."""
+    return _OUTPUT["progress"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pyrovae-pde",
@@ -65,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"pyrovae_pde {__version__}")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("--quiet", action="store_true", help="warnings and errors only: no progress, no log lines")
+    noise.add_argument("--verbose", action="store_true",
+                       help="log lines (one per epoch, per model compared, ...) even on a terminal")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -81,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    configure_output(args.quiet, args.verbose)
     import matplotlib
 
     matplotlib.use("Agg")  # the command line writes figures to files; only it chooses a backend

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
 from ..errors import UserError
-from .cli import at_least, comma_list
+from .cli import at_least, comma_list, show_progress
 
 
 def _priors(options: list[str] | None) -> dict:
@@ -54,15 +55,17 @@ def add_run_arguments(p: argparse.ArgumentParser, data_help: str, out_help: str)
 
 
 def fit_model(ds, components, args, out: Path | None, source: str):
+    from ..data.locking import locked_run_directory
     from .api import SubtypeModel
 
     model = SubtypeModel(components, priors=_priors(args.prior))
-    model.fit(ds, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-              device=args.device, checkpoint_dir=out, resume=getattr(args, "resume", False), source=source,
-              restarts=args.restarts, progress=_progress(),
-              learn_population=getattr(args, "population_prior", "learned") == "learned")
-    if out is not None:
-        model.save(out)
+    with locked_run_directory(out) if out is not None else contextlib.nullcontext():
+        model.fit(ds, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+                  device=args.device, checkpoint_dir=out, resume=getattr(args, "resume", False), source=source,
+                  restarts=args.restarts, progress=show_progress(),
+                  learn_population=getattr(args, "population_prior", "learned") == "learned")
+        if out is not None:
+            model.save(out)
     return model
 
 
@@ -81,13 +84,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     warn_if_unconverged(model, str(out))
     warn_prior_conflicts(hist.prior_check, str(out))
     return 0
-
-
-def _progress() -> bool:
-    """Progress bars on a terminal only; a log file gets the one-line summaries."""
-    import sys
-
-    return sys.stderr.isatty()
 
 
 def convergence_line(diag: dict) -> str:
