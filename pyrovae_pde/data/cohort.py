@@ -1,12 +1,14 @@
 """From a validated contract dataset to the domain and tensors the model consumes."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import xarray as xr
 
+from ..errors import ContractError
 from ..physics import Domain, GraphDomain, GridDomain
 from .contract import grid_spacing
 
@@ -56,3 +58,24 @@ def cohort_tensors(ds: xr.Dataset, domain: Domain, dtype: torch.dtype = torch.fl
     observed = ~torch.isnan(times)
     active = torch.nan_to_num(active, nan=0.0)
     return CohortTensors([str(s) for s in ds["subject"].values], active.to(dtype), times.to(dtype), observed)
+
+
+def follow_up(data: CohortTensors) -> float:
+    """The cohort's typical follow-up: median time from first to last visit over subjects with
+    at least two visits (1.0 if none has)."""
+    span = (torch.nan_to_num(data.times, nan=-math.inf).amax(dim=1) - data.times[:, 0])[data.observed.sum(1) > 1]
+    return float(span.median()) if span.numel() else 1.0
+
+
+def pad_visits(data: CohortTensors, n_visits: int, source: str) -> CohortTensors:
+    """Pad a cohort with missing visit slots up to the fitted model's ``n_visits``."""
+    t = data.signal.shape[1]
+    if t == n_visits:
+        return data
+    if t > n_visits:
+        raise ContractError(f"{source}: variable 'signal' has {t} visit slots but the model was fitted with "
+                            f"{n_visits}; refit with data that has at least {t} visit slots")
+    extra = n_visits - t
+    pad = lambda x, value: torch.cat([x, x.new_full((x.shape[0], extra, *x.shape[2:]), value)], dim=1)  # noqa: E731
+    return CohortTensors(data.subjects, pad(data.signal, 0.0), pad(data.times, float("nan")),
+                         pad(data.observed, False))

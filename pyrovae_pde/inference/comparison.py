@@ -163,56 +163,69 @@ def compare_models(runs: dict[str, list[FittedRun]], n_draws: int = 200, seed: i
         evidences[name] = evs
         LOGGER.info("compare: %s: log evidence %s", name, ", ".join(f"{e.log_evidence:.1f} +- {e.log_evidence_se:.1f}"
                                                                   for e in evs))
-        values = np.array([e.log_evidence for e in evs])
-        mc_se = float(math.sqrt(np.mean([e.log_evidence_se ** 2 for e in evs])))
-        spread = float(values.std(ddof=1)) if len(values) > 1 else math.nan
-        loo = _loo(evs[0])
-        cv, cv_se, cv_i = cross_validated_lpd(evs[0].stats, fits[0].module, folds=folds, n_draws=n_draws, seed=seed)
-        pointwise[name] = (loo.pop("loo_i"), cv_i)
-        k = loo.pop("pareto_k")
-        rows[name] = {"model": name, "n_components": len(fits[0].module.components),
-                      "converged": all(f.converged for f in fits), "repeats": len(fits),
-                      "log_evidence": float(values.mean()), "mc_se": mc_se, "fit_spread": spread,
-                      "log_evidence_se": math.hypot(mc_se, 0.0 if math.isnan(spread) else spread), **loo,
-                      "max_pareto_k": float(k.max()), "pareto_k_ok_fraction": float((k <= PARETO_K_MAX).mean()),
-                      "elpd_cv": cv, "elpd_cv_se": cv_se, "quadrature_error": float(np.mean([e.quadrature_error
-                                                                                             for e in evs])),
-                      "unconverged_integrals": float(np.mean([e.unconverged.float().mean() if e.unconverged is not None
-                                                              else 0.0 for e in evs])),
-                      "elbo": float(np.mean([e.elbo for e in evs])),
-                      "globals_pareto_k": float(np.nanmax([e.pareto_k_globals for e in evs] + [-np.inf])),
-                      "globals_ess_share": float(min(e.ess_globals / e.draws.n_draws for e in evs)),
-                      "status": "ranked"}
+        rows[name], pointwise[name] = _model_row(name, fits, evs, folds, n_draws, seed)
     notes: list[str] = []
-    subsets = {}
-    for name, fits in runs.items():
-        if len(fits[0].module.components) > 1:
-            subsets[name] = subset_evidence(fits[0].module, fits[0].data, n_draws=n_draws, seed=seed,
-                                            full=evidences[name][0])
+    subsets = {name: subset_evidence(fits[0].module, fits[0].data, n_draws=n_draws, seed=seed,
+                                     full=evidences[name][0])
+               for name, fits in runs.items() if len(fits[0].module.components) > 1}
     _check_consistency(runs, subsets, rows, notes, population)
     for name, row in rows.items():
-        if not (math.isfinite(row["log_evidence"]) and math.isfinite(row["log_evidence_se"])):
-            row["status"] = "evidence failed"
-            notes.append(f"{name}: not ranked: its log evidence is not finite (a numerical failure of the estimator; "
-                         "please report it with the cohort)")
-        elif row["globals_pareto_k"] > PARETO_K_MAX and row["globals_ess_share"] < GLOBALS_ESS_SHARE_MIN:
-            row["status"] = "evidence unreliable"
-            notes.append(f"{name}: not ranked: its evidence rests on a few draws of the globals (Pareto k "
-                         f"{row['globals_pareto_k']:.2f} > {PARETO_K_MAX}, effective draws "
-                         f"{100 * row['globals_ess_share']:.0f}%): the posterior of its weights, noise and population "
-                         "priors is far from Gaussian; compare with --evidence-population base")
-        elif not row["converged"]:
-            row["status"] = "not converged"
-            notes.append(f"{name}: not ranked: its fit did not converge (see its warning; refit with a larger --epochs "
-                         "or --restarts)")
-        if row["max_pareto_k"] > PARETO_K_MAX:
-            notes.append(f"{name}: Pareto k > {PARETO_K_MAX} for {100 * (1 - row['pareto_k_ok_fraction']):.1f}% of "
-                         f"subjects (max {row['max_pareto_k']:.2f}): its PSIS-LOO is unreliable there")
-        if row["unconverged_integrals"] > 0:
-            notes.append(f"{name}: the quadrature of {100 * row['unconverged_integrals']:.1f}% of (subject, mechanism) "
-                         "integrals did not reach its tolerance; their error is in the SE")
+        _set_status(name, row, notes)
         if len(runs[name]) == 1:
             row["fit_spread"] = math.nan
+    table, verdict = _ranked_table(rows, pointwise, runs)
+    return Comparison(table, verdict, notes, evidences, subsets)
+
+
+def _model_row(name: str, fits: list[FittedRun], evs: list[ModelEvidence], folds: int, n_draws: int,
+               seed: int) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    """One model's row of the table (evidence over its repeats, LOO and CV of its first fit) and its
+    pointwise (elpd_loo_i, lpd_cv_i)."""
+    values = np.array([e.log_evidence for e in evs])
+    mc_se = float(math.sqrt(np.mean([e.log_evidence_se ** 2 for e in evs])))
+    spread = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+    loo = _loo(evs[0])
+    cv, cv_se, cv_i = cross_validated_lpd(evs[0].stats, fits[0].module, folds=folds, n_draws=n_draws, seed=seed)
+    loo_i, k = loo.pop("loo_i"), loo.pop("pareto_k")
+    unconverged = [e.unconverged.float().mean() if e.unconverged is not None else 0.0 for e in evs]
+    row = {"model": name, "n_components": len(fits[0].module.components),
+           "converged": all(f.converged for f in fits), "repeats": len(fits),
+           "log_evidence": float(values.mean()), "mc_se": mc_se, "fit_spread": spread,
+           "log_evidence_se": math.hypot(mc_se, 0.0 if math.isnan(spread) else spread), **loo,
+           "max_pareto_k": float(k.max()), "pareto_k_ok_fraction": float((k <= PARETO_K_MAX).mean()),
+           "elpd_cv": cv, "elpd_cv_se": cv_se, "quadrature_error": float(np.mean([e.quadrature_error for e in evs])),
+           "unconverged_integrals": float(np.mean(unconverged)), "elbo": float(np.mean([e.elbo for e in evs])),
+           "globals_pareto_k": float(np.nanmax([e.pareto_k_globals for e in evs] + [-np.inf])),
+           "globals_ess_share": float(min(e.ess_globals / e.draws.n_draws for e in evs)), "status": "ranked"}
+    return row, (loo_i, cv_i)
+
+
+def _set_status(name: str, row: dict, notes: list[str]) -> None:
+    """Flag a model that cannot be ranked (its status and a note), and note unreliable diagnostics."""
+    if not (math.isfinite(row["log_evidence"]) and math.isfinite(row["log_evidence_se"])):
+        row["status"] = "evidence failed"
+        notes.append(f"{name}: not ranked: its log evidence is not finite (a numerical failure of the estimator; "
+                     "please report it with the cohort)")
+    elif row["globals_pareto_k"] > PARETO_K_MAX and row["globals_ess_share"] < GLOBALS_ESS_SHARE_MIN:
+        row["status"] = "evidence unreliable"
+        notes.append(f"{name}: not ranked: its evidence rests on a few draws of the globals (Pareto k "
+                     f"{row['globals_pareto_k']:.2f} > {PARETO_K_MAX}, effective draws "
+                     f"{100 * row['globals_ess_share']:.0f}%): the posterior of its weights, noise and population "
+                     "priors is far from Gaussian; compare with --evidence-population base")
+    elif not row["converged"]:
+        row["status"] = "not converged"
+        notes.append(f"{name}: not ranked: its fit did not converge (see its warning; refit with a larger --epochs "
+                     "or --restarts)")
+    if row["max_pareto_k"] > PARETO_K_MAX:
+        notes.append(f"{name}: Pareto k > {PARETO_K_MAX} for {100 * (1 - row['pareto_k_ok_fraction']):.1f}% of "
+                     f"subjects (max {row['max_pareto_k']:.2f}): its PSIS-LOO is unreliable there")
+    if row["unconverged_integrals"] > 0:
+        notes.append(f"{name}: the quadrature of {100 * row['unconverged_integrals']:.1f}% of (subject, mechanism) "
+                     "integrals did not reach its tolerance; their error is in the SE")
+
+
+def _ranked_table(rows: dict, pointwise: dict, runs: dict) -> tuple[pd.DataFrame, str]:
+    """The comparison table (ranks, differences to the best model with their SEs) and the verdict."""
     table = pd.DataFrame(list(rows.values()))
     ranked = table[table["status"] == "ranked"].sort_values("log_evidence", ascending=False)
     table["rank"] = np.nan
@@ -221,10 +234,9 @@ def compare_models(runs: dict[str, list[FittedRun]], n_draws: int = 200, seed: i
     by_evidence = ranked if len(ranked) else table.sort_values("log_evidence", ascending=False)
     best = by_evidence.iloc[0]["model"]
     ref = rows[best]
-    for col, se_col in (("log_evidence_diff", "log_evidence_diff_se"),):
-        table[col] = ref["log_evidence"] - table["log_evidence"]
-        table[se_col] = np.where(table["model"] == best, 0.0,
-                                 np.sqrt(ref["log_evidence_se"] ** 2 + table["log_evidence_se"] ** 2))
+    table["log_evidence_diff"] = ref["log_evidence"] - table["log_evidence"]
+    table["log_evidence_diff_se"] = np.where(table["model"] == best, 0.0,
+                                             np.sqrt(ref["log_evidence_se"] ** 2 + table["log_evidence_se"] ** 2))
     table["z"] = np.where(table["log_evidence_diff_se"] > 0, table["log_evidence_diff"] / table["log_evidence_diff_se"],
                           0.0)
     for j, prefix in enumerate(("elpd_loo", "elpd_cv")):
@@ -234,7 +246,7 @@ def compare_models(runs: dict[str, list[FittedRun]], n_draws: int = 200, seed: i
     table = table.sort_values(["rank", "log_evidence"], ascending=[True, False], na_position="last",
                               ignore_index=True)
     extra = [c for c in table.columns if c not in COMPARISON_COLUMNS]
-    return Comparison(table[COMPARISON_COLUMNS + extra], verdict, notes, evidences, subsets)
+    return table[COMPARISON_COLUMNS + extra], verdict
 
 
 def _shared_integrals(runs: dict[str, list[FittedRun]]) -> dict:

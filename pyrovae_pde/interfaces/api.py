@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -13,8 +12,8 @@ import torch
 import xarray as xr
 
 from .. import __version__
-from ..data import ContractError, atomic_write, validate_dataset
-from ..data.cohort import CohortTensors, cohort_tensors, domain_from_dataset
+from ..data import atomic_write, validate_dataset
+from ..data.cohort import CohortTensors, cohort_tensors, domain_from_dataset, follow_up, pad_visits
 from ..data.contract import read_json_file, read_torch_file
 from ..errors import ModelError, PyrovaePDEError
 from ..inference.posterior import posterior_dataset
@@ -109,7 +108,7 @@ class SubtypeModel:
         domain = self.domain_ or domain_from_dataset(ds)
         data = cohort_tensors(ds, domain)
         if self.module_ is not None:
-            data = _pad_visits(data, self.module_.n_visits, source)
+            data = pad_visits(data, self.module_.n_visits, source)
         return data
 
     def fit(self, ds: xr.Dataset, epochs: int = TrainConfig.epochs, batch_size: int = TrainConfig.batch_size,
@@ -390,24 +389,3 @@ def _space_coords(ds: xr.Dataset) -> dict[str, np.ndarray]:
     if ds.attrs["domain"] == "grid":
         return {dim: ds[dim].values for dim in ds["signal"].dims[2:]}
     return {"node": ds["node"].values} if "node" in ds.coords else {}
-
-
-def follow_up(data: CohortTensors) -> float:
-    """The cohort's typical follow-up: median time from first to last visit over subjects with
-    at least two visits (1.0 if none has)."""
-    span = (torch.nan_to_num(data.times, nan=-math.inf).amax(dim=1) - data.times[:, 0])[data.observed.sum(1) > 1]
-    return float(span.median()) if span.numel() else 1.0
-
-
-def _pad_visits(data: CohortTensors, n_visits: int, source: str) -> CohortTensors:
-    """Pad a cohort with missing visit slots up to the fitted model's ``n_visits``."""
-    t = data.signal.shape[1]
-    if t == n_visits:
-        return data
-    if t > n_visits:
-        raise ContractError(f"{source}: variable 'signal' has {t} visit slots but the model was fitted with "
-                            f"{n_visits}; refit with data that has at least {t} visit slots")
-    extra = n_visits - t
-    pad = lambda x, value: torch.cat([x, x.new_full((x.shape[0], extra, *x.shape[2:]), value)], dim=1)  # noqa: E731
-    return CohortTensors(data.subjects, pad(data.signal, 0.0), pad(data.times, float("nan")),
-                         pad(data.observed, False))
