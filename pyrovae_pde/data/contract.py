@@ -33,9 +33,20 @@ def load_schema(name: str = "dataset-v1") -> dict:
     return json.loads(text)
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _dtype_name(values: np.ndarray) -> str:
-    if values.dtype.kind in "USO":
+    if values.dtype.kind in "US":
         return "string"
+    if values.dtype.kind == "O":
+        # An object array may hold None, NaN or numbers: NetCDF would write them as "" or fail to load.
+        return "string" if all(isinstance(v, str) for v in values.flat) else "object"
     return str(values.dtype)
 
 
@@ -88,7 +99,12 @@ def validate_dataset(ds: xr.Dataset, source: str = IN_MEMORY) -> xr.Dataset:
     subjects = [str(s) for s in ds["subject"].values]
     if len(set(subjects)) != len(subjects):
         dupes = sorted({s for s in subjects if subjects.count(s) > 1})
-        raise fail(f"coordinate 'subject' has duplicate IDs: {', '.join(dupes[:5])}; subject IDs must be unique")
+        raise fail(f"coordinate 'subject' has duplicate IDs: {', '.join(map(repr, dupes[:5]))}; subject IDs must "
+                   "be unique")
+    unstorable = [s for s in subjects if "\x00" in s or not _encodable(s)]
+    if unstorable:
+        raise fail(f"coordinate 'subject' has ID {unstorable[0]!r} with a NUL or unpaired surrogate character, which "
+                   "NetCDF cannot store; rename the subject")
     if ds.sizes.get("visit", 0) < 1 or len(subjects) < 1:
         raise fail("variable 'signal' is empty: a cohort needs at least one subject and one visit")
     time = np.asarray(ds["time"].values, dtype=float)
@@ -176,11 +192,15 @@ def grid_spacing(ds: xr.Dataset, fail: Callable[[str], ContractError] | None = N
             # Without this, xarray supplies 0, 1, 2, ... and the axis would silently get 1 mm spacing.
             raise fail(f"coordinate {dim!r} is missing; give the cell positions along {dim!r} in mm "
                        "(their step is the grid spacing)")
-        coord = np.asarray(ds[dim].values, dtype=float)
+        stored = np.asarray(ds[dim].values)
+        coord = stored.astype(float)
         if coord.size < 2:
             raise fail(f"coordinate {dim!r} needs at least 2 points to define the grid spacing")
         steps = np.diff(coord)
-        if not np.all(np.isfinite(steps)) or steps[0] <= 0 or not np.allclose(steps, steps[0], rtol=1e-6):
+        # Positions stored in float32 are rounded by ~eps * |position|, far more than rtol 1e-6 of a step.
+        atol = max(1e-8, 4 * np.finfo(stored.dtype).eps * np.abs(coord).max()) if stored.dtype.kind == "f" else 1e-8
+        if (not np.all(np.isfinite(steps)) or steps[0] <= 0
+                or not np.allclose(steps, steps[0], rtol=1e-6, atol=atol)):
             raise fail(f"coordinate {dim!r} must be evenly spaced and increasing (mm); its step is the "
                        "grid spacing")
         spacings.append(float(steps[0]))

@@ -126,7 +126,7 @@ def _check_header(path: Path, header: list[str], raw_rows: list[dict[str, str]])
     if missing or not ({"time", "date"} & set(header)):
         need = missing + ([] if {"time", "date"} & set(header) else ["time (or date)"])
         raise ImagingError(f"{path}: the header lacks column(s) {', '.join(need)}; a manifest needs "
-                           f"subject, time (or date) and image (found: {', '.join(header)})")
+                           f"subject, time (or date) and image (found: {', '.join(map(repr, header))})")
     if not raw_rows:
         raise ImagingError(f"{path}: the manifest has a header but no scans")
 
