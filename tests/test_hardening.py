@@ -155,3 +155,23 @@ def test_predict_still_accepts_zero_particles():
 
     args = build_parser().parse_args(["predict", "run", "cohort.nc", "--out", "post.nc", "--particles", "0"])
     assert args.particles == 0
+
+
+def test_a_model_pt_from_another_domain_is_named(fitted, tmp_path, capsys):
+    """model.pt whose connectome differs from the one model.json records (same shapes, so the
+    weights still load): the fingerprints disagree and the command says the files do not belong together."""
+    import torch
+
+    _, data, run, _ = fitted
+    broken = tmp_path / "run"
+    shutil.copytree(run, broken)
+    tensors = torch.load(broken / "model.pt", weights_only=False)
+    adjacency = tensors["adjacency"].clone()
+    i, j = torch.nonzero(adjacency > 0)[0].tolist()
+    adjacency[i, j] = adjacency[j, i] = 2 * adjacency[i, j]
+    tensors["adjacency"] = adjacency
+    torch.save(tensors, broken / "model.pt")
+    out = tmp_path / "post.nc"
+    assert main(["predict", str(broken), str(data), "--out", str(out)]) == 2
+    _one_line_error(capsys, "model.pt holds a different domain", "model.json records", "different runs", "refit")
+    assert not out.exists()

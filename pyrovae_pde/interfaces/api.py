@@ -325,9 +325,9 @@ class SubtypeModel:
         tensors = read_torch_file(directory / MODEL_FILE, fix)
         try:
             model = cls._from_files(config, tensors)
+        except PyrovaePDEError as exc:
+            raise ModelError(f"{directory}: {exc}; {fix}") from None
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            if isinstance(exc, PyrovaePDEError):
-                raise
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelError(f"{directory}: {MODEL_FILE} does not match {CONFIG_FILE} ({reason}); the run was "
                              f"written by pyrovae_pde {config.get('pyrovae_pde_version', 'unknown')} and is read by "
@@ -343,6 +343,10 @@ class SubtypeModel:
             model.domain_ = GridDomain(tensors["mask"].numpy(), config["domain"]["spacing"])
         else:
             model.domain_ = GraphDomain(tensors["adjacency"].numpy())
+        recorded = config["domain"].get("laplacian_fingerprint")
+        if recorded is not None and recorded != model.domain_.fingerprint():
+            raise ModelError(f"{MODEL_FILE} holds a different domain (fingerprint {model.domain_.fingerprint()}) from "
+                             f"the one {CONFIG_FILE} records ({recorded}): the two files come from different runs")
         model.time_scale_ = config["time_scale"]
         model.module_ = MixturePDE(model.domain_, model.components, config["n_visits"], model.priors,
                                    time_scale=model.time_scale_, reaction_step=model.reaction_step,
