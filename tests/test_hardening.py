@@ -139,6 +139,7 @@ def test_resume_from_a_truncated_checkpoint_says_start_again(fitted, tmp_path, c
     (["--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
     (["--batch-size", "-4"], "argument --batch-size: must be >= 1, got -4"),
     (["--restarts", "two"], "argument --restarts: expected a whole number >= 1, got 'two'"),
+    (["--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
 ])
 def test_flags_that_cannot_make_sense_are_refused_by_the_parser(fitted, tmp_path, capsys, flags, message):
     _, data, _, _ = fitted
@@ -174,4 +175,12 @@ def test_a_model_pt_from_another_domain_is_named(fitted, tmp_path, capsys):
     out = tmp_path / "post.nc"
     assert main(["predict", str(broken), str(data), "--out", str(out)]) == 2
     _one_line_error(capsys, "model.pt holds a different domain", "model.json records", "different runs", "refit")
+    assert not out.exists()
+
+
+def test_a_batch_larger_than_the_cohort_is_refused_before_anything_is_written(fitted, tmp_path, capsys):
+    _, data, _, _ = fitted
+    out = tmp_path / "never"
+    assert main(["fit", str(data), "--components", "fisher_kpp", "--out", str(out), "--batch-size", "64"]) == 2
+    _one_line_error(capsys, "--batch-size 64 is larger than the cohort (24 subjects)", "at most 24")
     assert not out.exists()

@@ -157,8 +157,10 @@ class SubtypeModel:
                     "with 'pyrovae-pde fit' to check")
         if diag.get("stop_reason") == "max_epochs":
             slope = diag.get("elbo_slope_per_epoch", float("nan"))
-            return (f"the fit did NOT converge: its validation ELBO was still changing ({slope:+.3g} nats per subject "
-                    f"and epoch) when it reached the most epochs ({diag['epochs_run']}); results from it may be "
+            trend = (f"was still changing ({slope:+.3g} nats per subject and epoch)" if slope == slope
+                     else "had too few epochs to show a plateau")
+            return (f"the fit did NOT converge: its validation ELBO {trend} when it reached the most epochs "
+                    f"({diag['epochs_run']}); results from it may be "
                     f"artefacts of the unfinished fit. Refit with a larger --epochs (e.g. --epochs "
                     f"{max(2 * diag['epochs_run'], 10)})")
         if not diag.get("converged"):

@@ -83,6 +83,17 @@ def show_progress() -> bool:
     return _OUTPUT["progress"]
 
 
+def device_name(text: str) -> str:
+    """An argparse type: ``cpu``, ``cuda`` or ``cuda:N``; anything else is refused with the choices."""
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+device_name.__name__ = "device"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pyrovae-pde",

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from .cli import at_least, comma_list, show_progress
+from .cli import at_least, comma_list, device_name, show_progress
 
 
 def _priors(options: list[str] | None) -> dict:
@@ -30,8 +30,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=at_least(1), default=TrainConfig.epochs,
                    help=f"most epochs (default {TrainConfig.epochs}); a run stops earlier once its validation "
                         "ELBO reaches a plateau")
-    p.add_argument("--batch-size", type=at_least(1), default=TrainConfig.batch_size,
-                   help=f"subjects per SVI step (default {TrainConfig.batch_size})")
+    p.add_argument("--batch-size", type=at_least(1), default=None,
+                   help=f"subjects per SVI step, at most the cohort's (default {TrainConfig.batch_size}, or the "
+                        "whole cohort if smaller)")
     p.add_argument("--lr", type=float, default=TrainConfig.learning_rate,
                    help=f"learning rate of the mixture weights and noise (default {TrainConfig.learning_rate})")
     p.add_argument("--restarts", type=at_least(1), default=TrainConfig.restarts,
@@ -42,7 +43,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="learned (default): each mechanism's population of D and r is learned from the cohort "
                         "under the base priors; fixed: the base priors themselves")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--prior", action="append", metavar="NAME=LO,HI",
                    help="central 95%% interval of a LogNormal prior: diffusivity=LO,HI or reaction=LO,HI")
 
@@ -56,11 +57,17 @@ def add_run_arguments(p: argparse.ArgumentParser, data_help: str, out_help: str)
 
 def fit_model(ds, components, args, out: Path | None, source: str):
     from ..data.locking import locked_run_directory
+    from ..inference.train import TrainConfig
     from .api import SubtypeModel
 
+    n_subjects = ds.sizes["subject"]
+    if args.batch_size is not None and args.batch_size > n_subjects:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the cohort ({n_subjects} subjects); "
+                        f"give at most {n_subjects}")
+    batch_size = TrainConfig.batch_size if args.batch_size is None else args.batch_size
     model = SubtypeModel(components, priors=_priors(args.prior))
     with locked_run_directory(out) if out is not None else contextlib.nullcontext():
-        model.fit(ds, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+        model.fit(ds, epochs=args.epochs, batch_size=batch_size, learning_rate=args.lr, seed=args.seed,
                   device=args.device, checkpoint_dir=out, resume=getattr(args, "resume", False), source=source,
                   restarts=args.restarts, progress=show_progress(),
                   learn_population=getattr(args, "population_prior", "learned") == "learned")
@@ -198,7 +205,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default 128 on domains of at most 256 nodes, else 0: Laplace alone), or from "
                         "the guide with --no-refine (default 8)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
     p.set_defaults(handler=cmd_predict)
 
     p = subparsers.add_parser("demo", help="simulate, fit, predict on new subjects, report and plot")
