@@ -758,3 +758,9 @@ def test_a_subject_id_netcdf_cannot_store_is_refused_before_writing(tmp_path, ba
     with pytest.raises(ContractError, match="NetCDF cannot store"):
         save_dataset(ds, tmp_path / "c.nc")
     assert not (tmp_path / "c.nc").exists()
+
+
+def test_a_graph_without_nodes_is_refused():
+    ds = simulate("graph", 2, seed=0).isel(node=slice(0, 0))
+    with pytest.raises(ContractError, match="no nodes"):
+        validate_dataset(ds)

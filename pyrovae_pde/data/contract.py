@@ -210,6 +210,8 @@ def grid_spacing(ds: xr.Dataset, fail: Callable[[str], ContractError] | None = N
 def _check_graph(ds: xr.Dataset, fail: Callable[[str], ContractError]) -> None:
     adjacency = np.asarray(ds["adjacency"].values, dtype=float)
     n_nodes = ds["signal"].sizes["node"]
+    if n_nodes < 1:
+        raise fail("variable 'signal' has no nodes (dim 'node' is empty): a graph cohort needs at least one region")
     if adjacency.shape != (n_nodes, n_nodes):
         raise fail(f"variable 'adjacency' has shape {adjacency.shape}; expected ({n_nodes}, {n_nodes}) to "
                    "match the signal's node dim")
