@@ -14,6 +14,7 @@ import torch
 
 from pyrovae_pde.data import cohort_tensors, domain_from_dataset, simulate
 from pyrovae_pde.inference import marginal
+from pyrovae_pde.inference.evidence import with_population
 from pyrovae_pde.inference.particles import quadrature_stats
 from pyrovae_pde.inference.surrogate import MINIMUM_DROP, fit_surrogate
 from pyrovae_pde.interfaces.api import SubtypeModel
@@ -113,11 +114,7 @@ def test_ratio_estimator_matches_nodes_placed_under_a_narrow_shifted_population(
     stats = quadrature_stats(module, data)
     new_loc = module.population_loc.double() + torch.tensor([[0.6, -0.5], [0.5, 0.0]], dtype=DTYPE)
     new_scale = module.population_scale.double() / 5
-    reference_module = module.submodel([0, 1])
-    with torch.no_grad():
-        reference_module.population_loc.copy_(new_loc)
-        reference_module.population_scale.copy_(new_scale)
-    reference = quadrature_stats(reference_module, data)
+    reference = quadrature_stats(with_population(module, new_loc, new_scale), data)
     noise = torch.tensor([stats.noise_ref], dtype=DTYPE)
     exact = marginal.component_log_evidence(reference, noise)[0]  # nodes placed for the new population
     population = (new_loc[None], new_scale[None])

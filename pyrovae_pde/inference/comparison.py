@@ -30,7 +30,6 @@ mechanism's evidence does not depend on how the others' populations are shaped.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -39,7 +38,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..data.cohort import CohortTensors
 from ..errors import InputError
@@ -52,8 +50,10 @@ from .evidence import (
     searched_quadrature,
     share_integrals,
     subset_evidence,
+    with_population,
 )
 from .marginal import cross_validated_lpd
+from .population import base_hyperprior
 
 LOGGER = logging.getLogger(__name__)
 POPULATIONS = ("base", "learned")
@@ -125,15 +125,7 @@ def _paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def under_base_priors(module: MixturePDE) -> MixturePDE:
     """A copy of ``module`` whose population priors are its base priors, fixed (not learned)."""
-    from .population import base_hyperprior
-
-    base = copy.deepcopy(module)
-    loc, scale = base_hyperprior(module.priors, module.n_components)
-    with torch.no_grad():
-        base.population_loc.copy_(loc.to(base.population_loc))
-        base.population_scale.copy_(scale.to(base.population_scale))
-        base.population_learned.fill_(False)
-    return base
+    return with_population(module, *base_hyperprior(module.priors, module.n_components), learned=False)
 
 
 def compare_models(runs: dict[str, list[FittedRun]], n_draws: int = 200, seed: int = 0, folds: int = 5,

@@ -9,6 +9,7 @@ beyond the learned priors the nodes are centred for, on the fit.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -182,7 +183,20 @@ def share_integrals(stats: list[ParticleStats]) -> list[ParticleStats]:
                     out[m][field_name][:, rows, k] = getattr(stats[src_m], field_name)[:, rows, src_k]
                 out[m]["error"][rows, k] = stats[src_m].error[rows, src_k]
     # (the surrogates serve re-weighting to other population priors, which fixed priors never need)
-    return [dataclasses.replace(s, **o, surrogate=None) for s, o in zip(stats, out)]
+    return [dataclasses.replace(s, **o, surrogate=None, surrogate_sse=None) for s, o in zip(stats, out)]
+
+
+def with_population(module: MixturePDE, loc: torch.Tensor, scale: torch.Tensor,
+                    learned: bool | None = None) -> MixturePDE:
+    """A copy of ``module`` (encoder included) whose population priors are ``loc``, ``scale`` (K, 2);
+    ``learned``: also set whether they count as learned (None: as in ``module``)."""
+    other = copy.deepcopy(module)
+    with torch.no_grad():
+        other.population_loc.copy_(loc.to(other.population_loc))
+        other.population_scale.copy_(scale.to(other.population_scale))
+        if learned is not None:
+            other.population_learned.fill_(learned)
+    return other
 
 
 def population_shift(module: MixturePDE, population: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -213,10 +227,7 @@ def place_at_globals_mode(module: MixturePDE, data: CohortTensors, stats: Partic
     for _ in range(PLACEMENT_ROUNDS):
         if draws.mode_population is None or population_shift(reference, draws.mode_population) < PLACEMENT_SHIFT:
             break
-        reference = module.submodel(range(module.n_components))
-        with torch.no_grad():
-            reference.population_loc.copy_(draws.mode_population[0].to(reference.population_loc))
-            reference.population_scale.copy_(draws.mode_population[1].to(reference.population_scale))
+        reference = with_population(module, *draws.mode_population)
         stats = quadrature_stats(reference, data, tolerance=tolerance, start=start)
         draws = laplace_globals(stats, reference, n_draws, seed, trust_region=True)
     return stats, draws

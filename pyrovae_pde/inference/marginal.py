@@ -89,14 +89,9 @@ def _log_z(stats: ParticleStats, noise: torch.Tensor, population, components: li
     log_z = torch.logsumexp(lw, dim=1) - math.log(stats.n_particles)
     if population is not None and stats.surrogate is not None:
         comps = list(range(len(stats.components))) if components is None else list(components)
-        sur = stats.surrogate
-        sur_k = sur.components(comps)
-        a, b = (t[..., comps] for t in stats.theta)
-        full_sse = torch.zeros_like(stats.sse)
-        full_sse[..., comps] = sur_k.sse(a, b)
-        on_nodes = torch.logsumexp(_point_log_lik(stats, noise, population, components, full_sse), dim=1)
-        exact = sur_k.log_integral(observation_sd(noise[:, None, None]), stats.n_obs, population[0], population[1],
-                                   stats.has_rate[comps])
+        on_nodes = torch.logsumexp(_point_log_lik(stats, noise, population, components, stats.surrogate_sse), dim=1)
+        exact = stats.surrogate.components(comps).log_integral(observation_sd(noise[:, None, None]), stats.n_obs,
+                                                               population[0], population[1], stats.has_rate[comps])
         log_z = log_z + exact - (on_nodes - math.log(stats.n_particles))
     return lw, log_z
 

@@ -63,6 +63,7 @@ class ParticleStats:
     log_prior_ref: torch.Tensor | None = field(default=None, repr=False)
     error: torch.Tensor | None = field(default=None, repr=False)
     surrogate: ResidualSurrogate | None = field(default=None, repr=False)  # quadrature nodes only
+    surrogate_sse: torch.Tensor | None = field(default=None, repr=False)  # (P, N, K): the surrogate at the points
 
     @property
     def n_particles(self) -> int:
@@ -105,7 +106,8 @@ class ParticleStats:
             log_ratio=self.log_ratio[:, index], n_obs=self.n_obs[index], diffusivity=self.diffusivity[:, index],
             reaction=self.reaction[:, index], fields=pick(self.fields), log_prior_ref=pick(self.log_prior_ref),
             error=None if self.error is None else self.error[index],
-            surrogate=None if self.surrogate is None else self.surrogate.subset(index))
+            surrogate=None if self.surrogate is None else self.surrogate.subset(index),
+            surrogate_sse=pick(self.surrogate_sse))
 
 
 @dataclass
@@ -265,11 +267,12 @@ def quadrature_stats(module: MixturePDE, data: CohortTensors, tolerance: float =
     r = torch.where(has_rate, torch.exp(nodes.b), torch.full_like(nodes.b, math.nan))
     noise = math.sqrt(max(sd ** 2 - NOISE_FLOOR ** 2, 1e-12))
     log_posterior = log_ratio + gaussian_log_likelihood(nodes.sse, nodes.n_obs[:, None], sd)
-    surrogate = fit_surrogate(nodes.a.cpu(), nodes.b.cpu(), nodes.sse.cpu(), log_posterior.cpu(), has_rate.cpu(),
-                              sd ** 2)
+    a, b = nodes.a.cpu(), nodes.b.cpu()
+    surrogate = fit_surrogate(a, b, nodes.sse.cpu(), log_posterior.cpu(), has_rate.cpu(), sd ** 2)
     return ParticleStats(list(data.subjects), tuple(module.components), nodes.sse.cpu(), log_ratio.cpu(),
                          nodes.n_obs.cpu(), torch.exp(nodes.a).cpu(), r.cpu(), noise_ref=noise, proposal="quadrature",
-                         log_prior_ref=nodes.log_prior.cpu(), error=nodes.error.cpu(), surrogate=surrogate)
+                         log_prior_ref=nodes.log_prior.cpu(), error=nodes.error.cpu(), surrogate=surrogate,
+                         surrogate_sse=surrogate.sse(a, b))
 
 
 def profile_noise(stats: ParticleStats) -> float:
