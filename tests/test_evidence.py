@@ -216,3 +216,31 @@ def test_compare_names_diffusion_on_diffusion_data_with_a_wide_spread_of_d():
     assert table.loc["diffusion", "rank"] == 1 and result.verdict.startswith("verdict: diffusion: ahead of")
     learned = compare(models, ds, n_draws=200, folds=2, elbo_draws=0, population="learned").table.set_index("model")
     assert (learned["status"] == "ranked").all(), learned[["status", "globals_pareto_k", "globals_ess_share"]]
+
+
+def test_tied_populations_are_one_set_of_globals_with_one_hyperprior():
+    """With tied populations the globals' space has one (mu, log tau) per coordinate, shared by
+    every mechanism using it, and the hyperprior counts it once: the log prior equals that of a
+    one-component model with the same population, plus the weights' Dirichlet."""
+    from pyrovae_pde.inference.population import hyperprior_log_density
+
+    ds = simulate("graph", 6, seed=3, noise_sd=0.03, components=("fisher_kpp", "diffusion"))
+    domain = domain_from_dataset(ds)
+    module = MixturePDE(domain, ("fisher_kpp", "diffusion"), ds.sizes["visit"], GRAPH_PRIORS, time_scale=5.0).double()
+    module.population_learned.fill_(True)
+    module.population_tied.fill_(True)
+    stats = quadrature_stats(module, cohort_tensors(ds, domain, dtype=torch.float64))
+    space = GlobalSpace(module, stats, [0, 1])
+    assert space.dim == 1 + 1 + 2 * 2  # log sigma, one weight ratio, (mu, log tau) of log D and of log r
+    # (log sigma, weight ratio, mu and log tau of log D, mu and log tau of log r)
+    u = torch.tensor([[math.log(0.03), 0.4, -1.0, -0.7, -0.9, -1.2]], dtype=DTYPE)
+    sigma, log_w, (loc, scale), log_prior = space.unpack(u)
+    assert torch.equal(loc[0, 0, 0], loc[0, 1, 0]) and torch.equal(scale[0, 0, 0], scale[0, 1, 0])
+    assert float(loc[0, 1, 0]) == -1.0 and float(scale[0, 1, 0]) == pytest.approx(math.exp(-0.7))
+    assert float(loc[0, 0, 1]) == -0.9 and float(scale[0, 0, 1]) == pytest.approx(math.exp(-1.2))
+    expected = (space.noise_prior.log_prob(u[0, 0]) + space.weights_prior.log_prob(log_w.exp()[0]) + log_w.sum()
+                + hyperprior_log_density(loc[0, :1], scale[0, :1].log(), module.priors, torch.tensor([True])))
+    assert float(log_prior[0]) == pytest.approx(float(expected), abs=1e-10)
+    # and laplace_globals runs its search in that space: the mode's populations are tied too
+    draws = laplace_globals(stats, module, n_draws=50, seed=0)
+    assert torch.equal(draws.population[0][:, 0, 0], draws.population[0][:, 1, 0])

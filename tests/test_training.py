@@ -172,3 +172,78 @@ def test_em_recovers_population_priors_that_differ_from_the_defaults():
     assert np.all(np.abs(pop.loc.numpy()[0] - theta.mean(0)) < 4 * se_loc)
     assert np.allclose(pop.scale.numpy()[0], np.sqrt(theta.var(0) + 0.05 ** 2), rtol=0.1)
     assert weights.item() == pytest.approx(1.0)
+
+
+def test_tied_em_is_the_pooled_map_of_every_subtype():
+    """Tied population priors: one (mu, tau) per coordinate shared by both components, fitted from
+    every subject whatever its subtype. At the EM's fixed point the shared hyperparameters are the
+    MAP of the pooled expected complete-data log density (checked against scipy on the same E-step),
+    and they recover the common population of subjects split between two mechanisms; untied EM
+    gives each mechanism its own."""
+    from scipy.optimize import minimize
+
+    from pyrovae_pde.inference.population import HYPER_LOG_SCALE_SD, HYPER_LOG_SCALE_SHIFT, base_hyperprior
+
+    rng = np.random.default_rng(4)
+    n = 400
+    true_loc, true_scale = np.array([-1.5, 0.2]), np.array([0.4, 0.3])
+    theta = true_loc + true_scale * rng.standard_normal((n, 2))
+    owner = rng.integers(0, 2, n)  # each subject's mechanism, decided by its evidence below
+    priors = Priors(LogNormalPrior(0.01, 10.0), LogNormalPrior(0.01, 10.0))
+    base = Population(torch.tensor([[priors.diffusivity.loc, priors.reaction.loc]] * 2, dtype=torch.float64),
+                      torch.tensor([[priors.diffusivity.scale, priors.reaction.scale]] * 2, dtype=torch.float64))
+    lam = 1 / 0.05 ** 2
+    obs = theta + 0.05 * rng.standard_normal((n, 2))
+    prec = lam + 1 / base.scale.numpy()[0] ** 2
+    mode = (lam * obs + base.loc.numpy()[0] / base.scale.numpy()[0] ** 2) / prec
+    mean = torch.tensor(np.repeat(mode[:, None, :], 2, axis=1))
+    jtj = torch.tensor([[[lam, 0.0, lam]] * 2] * n, dtype=torch.float64)
+    log_z = torch.tensor(np.where(np.arange(2)[None, :] == owner[:, None], 0.0, -30.0))
+    has_rate = torch.tensor([True, True])
+    pop, _, resp, _ = em_population(mean, jtj, 1.0, log_z, base, priors, has_rate, n_iter=300, tied=True,
+                                    tolerance=1e-10)
+    assert torch.equal(pop.loc[0], pop.loc[1]) and torch.equal(pop.scale[0], pop.scale[1])
+    assert np.all(np.abs(pop.loc.numpy()[0] - theta.mean(0)) < 4 * true_scale / math.sqrt(n))
+    assert np.allclose(pop.scale.numpy()[0], np.sqrt(theta.var(0) + 0.05 ** 2), rtol=0.1)
+
+    # the exact M-step: maximise sum_ik r_ik E[log N(theta_ik | mu, tau^2)] + log hyperprior by scipy
+    m_new, cov, _ = reweight_laplace(mean, jtj, 1.0, log_z, base, pop, has_rate)
+    m0, s0 = (t.numpy()[0] for t in base_hyperprior(priors, 2))
+    r = resp.numpy()
+    for c in (0, 1):
+        m, v = m_new[..., c].numpy(), cov[..., c, c].numpy()
+
+        def negative(x, c=c, m=m, v=v):
+            mu, u = x
+            expected = -(r * (u + (v + (m - mu) ** 2) * np.exp(-2 * u) / 2)).sum()
+            hyper = -0.5 * ((mu - m0[c]) / s0[c]) ** 2 - 0.5 * (
+                (u - np.log(s0[c]) - HYPER_LOG_SCALE_SHIFT) / HYPER_LOG_SCALE_SD) ** 2
+            return -(expected + hyper)
+        best = minimize(negative, [0.0, 0.0], method="Nelder-Mead", options={"xatol": 1e-9, "fatol": 1e-12,
+                                                                                 "maxiter": 4000}).x
+        assert float(pop.loc[0, c]) == pytest.approx(best[0], abs=1e-4)
+        assert math.log(float(pop.scale[0, c])) == pytest.approx(best[1], abs=1e-4)
+
+    # untied: each mechanism's own population, from its own half of the subjects
+    untied, _, _, _ = em_population(mean, jtj, 1.0, log_z, base, priors, has_rate, n_iter=300)
+    for k in (0, 1):
+        own = theta[owner == k]
+        assert np.all(np.abs(untied.loc.numpy()[k] - own.mean(0)) < 4 * true_scale / math.sqrt(len(own)))
+    assert not torch.equal(untied.loc[0], untied.loc[1])
+
+
+def test_a_tied_fit_shares_its_populations_and_keeps_them_on_reload(small_graph, tmp_path):
+    """``tie_population=True``: after fitting, both mechanisms carry the same population of log D,
+    the run says its populations are tied, and a saved and reloaded run keeps both."""
+    ds, _, _ = small_graph
+    model = SubtypeModel("fisher_kpp,diffusion", priors=GRAPH_PRIORS).fit(ds, epochs=3, seed=0,
+                                                                          tie_population=True, **QUICK)
+    module = model.module_
+    assert bool(module.population_tied) and bool(module.population_learned)
+    assert torch.equal(module.population_loc[0, 0], module.population_loc[1, 0])
+    assert torch.equal(module.population_scale[0, 0], module.population_scale[1, 0])
+    assert not torch.equal(module.population_loc[0, 0], module._base_population()[0][0, 0])  # learned, not base
+    model.save(tmp_path / "run")
+    again = SubtypeModel.load(tmp_path / "run").module_
+    assert bool(again.population_tied)
+    assert torch.equal(again.population_loc, module.population_loc)

@@ -246,7 +246,7 @@ def fit_population(module: MixturePDE, data: CohortTensors, rounds: int = 2):
     for _ in range(rounds):
         current = Population(module.population_loc.double(), module.population_scale.double())
         pop, weights, resp, _ = em_population(fit.mean, fit.jtj, sd ** 2, fit.log_evidence, current, module.priors,
-                                              fit.has_rate, n_iter=50)
+                                              fit.has_rate, n_iter=50, tied=bool(module.population_tied))
         with torch.no_grad():
             module.population_loc.copy_(pop.loc.to(module.population_loc))
             module.population_scale.copy_(pop.scale.to(module.population_scale))

@@ -127,8 +127,9 @@ class GlobalSpace:
 
     u = (log sigma, additive log-ratios of w (|S| - 1), then for every learned population
     coordinate (component k in S, coordinate c: log D, and log r where k has a rate) its mu and log
-    tau). ``prior`` is the log density of the globals' prior in these coordinates (Jacobians
-    included), the sub-model's own: Dirichlet(c 1_|S|) on its weights.
+    tau; with tied populations one pair per coordinate c, shared by the components using it).
+    ``prior`` is the log density of the globals' prior in these coordinates (Jacobians included),
+    the sub-model's own: Dirichlet(c 1_|S|) on its weights.
     """
 
     def __init__(self, module: MixturePDE, stats: ParticleStats, subset: list[int]):
@@ -143,7 +144,11 @@ class GlobalSpace:
         self.base_scale = module.population_scale.to(DTYPE)[subset]
         has_rate = stats.has_rate[subset]
         self.has_rate = has_rate
-        self.free = [(j, c) for j in range(len(subset)) for c in ((0, 1) if bool(has_rate[j]) else (0,))]
+        self.tied = bool(getattr(module, "population_tied", torch.tensor(False)))
+        used = [(j, c) for j in range(len(subset)) for c in ((0, 1) if bool(has_rate[j]) else (0,))]
+        # groups of (component, coordinate) sharing one (mu, log tau)
+        self.free = ([[(j, c) for j, c in used if c == coord] for coord in (0, 1) if any(c == coord for _, c in used)]
+                     if self.tied else [[pair] for pair in used])
         self.dim = 1 + (len(subset) - 1) + (2 * len(self.free) if self.learned else 0)
 
     def start(self, noise: float) -> np.ndarray:
@@ -151,7 +156,7 @@ class GlobalSpace:
         x[0] = math.log(noise)
         if self.learned:
             off = len(self.subset)
-            for f, (j, c) in enumerate(self.free):
+            for f, ((j, c), *_) in enumerate(self.free):
                 x[off + 2 * f] = float(self.base_loc[j, c])
                 x[off + 2 * f + 1] = math.log(float(self.base_scale[j, c]))
         return x
@@ -170,11 +175,13 @@ class GlobalSpace:
             g = u.shape[0]
             loc = self.base_loc.expand(g, k, 2).clone()
             log_scale = torch.log(self.base_scale).expand(g, k, 2).clone()
-            for f, (j, c) in enumerate(self.free):
-                loc[:, j, c] = u[:, k + 2 * f]
-                log_scale[:, j, c] = u[:, k + 2 * f + 1]
+            for f, group in enumerate(self.free):
+                for j, c in group:
+                    loc[:, j, c] = u[:, k + 2 * f]
+                    log_scale[:, j, c] = u[:, k + 2 * f + 1]
             population = (loc, torch.exp(log_scale))
-            log_prior = log_prior + hyperprior_log_density(loc, log_scale, self.module.priors, self.has_rate)
+            log_prior = log_prior + hyperprior_log_density(loc, log_scale, self.module.priors, self.has_rate,
+                                                           tied=self.tied)
         return sigma, log_w, population, log_prior
 
     def log_joint(self, stats: ParticleStats, u: torch.Tensor):

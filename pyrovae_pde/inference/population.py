@@ -50,15 +50,18 @@ def base_hyperprior(priors: Priors, k: int, dtype=torch.float64, device=None) ->
 
 
 def hyperprior_log_density(loc: torch.Tensor, log_scale: torch.Tensor, priors: Priors,
-                           has_rate: torch.Tensor) -> torch.Tensor:
+                           has_rate: torch.Tensor, tied: bool = False) -> torch.Tensor:
     """log p(h) of hyperparameters loc, log_scale (..., K, 2) in the coordinates (mu, log tau);
-    the log r column of rate-free components does not enter. Returns (...)."""
+    the log r column of rate-free components does not enter; ``tied``: the rows are one population
+    per coordinate (equal rows), counted once. Returns (...)."""
     m0, s0 = base_hyperprior(priors, loc.shape[-2], loc.dtype, loc.device)
     term = (-0.5 * ((loc - m0) / s0) ** 2 - torch.log(s0) - 0.5 * LOG_2PI
             - 0.5 * ((log_scale - torch.log(s0) - HYPER_LOG_SCALE_SHIFT) / HYPER_LOG_SCALE_SD) ** 2
             - math.log(HYPER_LOG_SCALE_SD)
             - 0.5 * LOG_2PI)
     used = torch.stack([torch.ones_like(has_rate), has_rate], -1).to(loc.dtype)  # (K, 2)
+    if tied:  # only the first component using a coordinate carries its hyperparameters
+        used = used * (used.cumsum(0) == 1).to(loc.dtype)
     return (term * used).sum(dim=(-1, -2))
 
 
@@ -141,12 +144,14 @@ def _map_coordinate(r: torch.Tensor, m: torch.Tensor, v: torch.Tensor, m0: float
 def em_population(mean: torch.Tensor, jtj: torch.Tensor, variance: float, log_evidence: torch.Tensor,
                   current: Population, priors: Priors, has_rate: torch.Tensor, weights: torch.Tensor | None = None,
                   n_iter: int = 30, update_weights: bool = True, tolerance: float = 1e-6,
-                  update_population: bool = True):
+                  update_population: bool = True, tied: bool = False):
     """EM for the MAP population prior (and, with ``update_weights``, the MAP mixture weights).
 
     Inputs are Laplace approximations of every (subject, component) posterior under ``current``
-    (see ``reweight_laplace``). Returns (population, weights (K,), responsibilities (N, K),
-    log evidence (N, K) under the returned population).
+    (see ``reweight_laplace``). ``tied``: one population of log D shared by all components and one of
+    log r shared by the components with a rate (fitted from every subject, whatever its subtype), so
+    that subtypes differ in mechanism only, not in where their parameters lie. Returns (population,
+    weights (K,), responsibilities (N, K), log evidence (N, K) under the returned population).
     """
     dtype = torch.float64
     mean, jtj, log_evidence = mean.to(dtype), jtj.to(dtype), log_evidence.to(dtype)
@@ -162,7 +167,16 @@ def em_population(mean: torch.Tensor, jtj: torch.Tensor, variance: float, log_ev
             w = (resp.sum(0) + conc - 1).clamp_min(1e-6)
             w = w / w.sum()
         new_loc, new_scale = pop.loc.clone(), pop.scale.clone()
-        for j in range(k if update_population else 0):
+        for c in (0, 1) if (update_population and tied) else ():
+            users = [j for j in range(k) if c == 0 or bool(has_rate[j])]
+            if not users:
+                continue
+            mu, u = _map_coordinate(resp[:, users].T.reshape(-1), m_new[:, users, c].T.reshape(-1),
+                                    cov[:, users, c, c].T.reshape(-1), float(m0[users[0], c]),
+                                    float(s0[users[0], c]), float(pop.loc[users[0], c]),
+                                    math.log(float(pop.scale[users[0], c])))
+            new_loc[users, c], new_scale[users, c] = mu, math.exp(u)
+        for j in range(k if (update_population and not tied) else 0):
             for c in (0, 1) if bool(has_rate[j]) else (0,):
                 mu, u = _map_coordinate(resp[:, j], m_new[:, j, c], cov[:, j, c, c], float(m0[j, c]), float(s0[j, c]),
                                         float(pop.loc[j, c]), math.log(float(pop.scale[j, c])))

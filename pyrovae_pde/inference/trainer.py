@@ -153,11 +153,13 @@ class Trainer:
         pop, weights, resp, _ = em_population(fit.mean[:n_tr], fit.jtj[:n_tr], variance, fit.log_evidence[:n_tr],
                                               current, m.priors, fit.has_rate, weights=weights.to(fit.mean.device),
                                               n_iter=n_iter, update_weights=update_weights,
-                                              update_population=self.config.learn_population)
+                                              update_population=self.config.learn_population,
+                                              tied=self.config.tie_population)
         with torch.no_grad():
             m.population_loc.copy_(pop.loc.to(m.population_loc))
             m.population_scale.copy_(pop.scale.to(m.population_scale))
             m.population_learned.fill_(self.config.learn_population)
+            m.population_tied.fill_(self.config.learn_population and self.config.tie_population)
             if update_weights:  # q(w) = Dirichlet(c + sum_i p(subtype_i = k | x_i)): the collapsed model's update
                 m.weights_log_concentration.copy_(torch.log(m.priors.weights_concentration + resp.sum(0)).to(
                     m.weights_log_concentration))

@@ -105,6 +105,8 @@ class MixturePDE(nn.Module):
         self.register_buffer("population_loc", self._base_population()[0])
         self.register_buffer("population_scale", self._base_population()[1])
         self.register_buffer("population_learned", torch.tensor(False))  # True once fitted by EM
+        # True: one population of log D for all components and one of log r for those with a rate
+        self.register_buffer("population_tied", torch.tensor(False))
         self.noise_scale_raw = nn.Parameter(torch.tensor(math.log(math.expm1(0.1))))
 
     @property
@@ -129,6 +131,7 @@ class MixturePDE(nn.Module):
             sub.population_loc.copy_(self.population_loc[subset])
             sub.population_scale.copy_(self.population_scale[subset])
             sub.population_learned.copy_(self.population_learned)
+            sub.population_tied.copy_(self.population_tied)
             sub.weights_log_concentration.copy_(self.weights_log_concentration[subset])
             sub.noise_loc.copy_(self.noise_loc)
             sub.noise_scale_raw.copy_(self.noise_scale_raw)
@@ -270,6 +273,7 @@ class MixturePDE(nn.Module):
         for name, value in zip(("population_loc", "population_scale"), self._base_population()):
             state_dict.setdefault(prefix + name, value)  # before 0.2 the priors were not learned
         state_dict.setdefault(prefix + "population_learned", torch.tensor(False))
+        state_dict.setdefault(prefix + "population_tied", torch.tensor(False))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------- sleep phase
@@ -353,6 +357,7 @@ class MixturePDE(nn.Module):
             self.population_loc.copy_(loc)
             self.population_scale.copy_(scale)
             self.population_learned.fill_(False)
+            self.population_tied.fill_(False)
             self.weights_log_concentration.fill_(math.log(10.0))
             self.noise_loc.fill_(math.log(self.priors.noise_median))
             self.noise_scale_raw.fill_(math.log(math.expm1(0.1)))
