@@ -1,7 +1,8 @@
 """Population priors: each component's distribution of (log D, log r) learned from the cohort.
 
 The model's prior of subject i's parameters under component k is Normal(mu_k, diag(tau_k^2)) over
-theta = (log D, log r) (``MixturePDE.population_loc`` / ``population_scale``). Its
+theta = (log D, log r) (``MixturePDE.population_loc`` / ``population_scale``); tied (the training
+default, ``MixturePDE.population_tied``), every component shares one (mu, tau) per coordinate. Its
 hyperparameters h_k = (mu_k, log tau_k) have the hyperprior
 
     mu_kc ~ Normal(m0_c, s0_c^2),   log tau_kc ~ Normal(log(s0_c / 2), 1),

@@ -33,7 +33,7 @@ class TrainConfig:
     refine_iterations: int = 2
     distill_steps: int = 200
     learn_population: bool = True  # empirical-Bayes population priors (population.py); False: the base priors
-    tie_population: bool = False  # one learned population per parameter, shared by all subtypes
+    tie_population: bool = True  # one learned population per parameter, shared by all subtypes
     validation_draws: int = 4
     min_epochs: int = 3
     plateau_window: int = 3

@@ -38,11 +38,12 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restarts", type=at_least(1), default=TrainConfig.restarts,
                    help="fit this many times from different seeds and keep the best validation ELBO "
                         f"(default {TrainConfig.restarts})")
-    p.add_argument("--population-prior", choices=("learned", "tied", "fixed"),
-                   default="learned" if TrainConfig.learn_population else "fixed",
-                   help="learned (default): each mechanism's population of D and r is learned from the cohort "
-                        "under the base priors; tied: one learned population of D (and one of r) shared by "
-                        "every mechanism, so subtypes differ in mechanism only; fixed: the base priors themselves")
+    p.add_argument("--population-prior", choices=("tied", "learned", "fixed"),
+                   default=("tied" if TrainConfig.tie_population else "learned") if TrainConfig.learn_population
+                   else "fixed",
+                   help="tied (default): one population of D (and one of r) learned from the cohort under the base "
+                        "priors and shared by every mechanism, so subtypes differ in mechanism only; learned: each "
+                        "mechanism's own population of D and r; fixed: the base priors themselves")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--prior", action="append", metavar="NAME=LO,HI",
@@ -71,8 +72,8 @@ def fit_model(ds, components, args, out: Path | None, source: str):
         model.fit(ds, epochs=args.epochs, batch_size=batch_size, learning_rate=args.lr, seed=args.seed,
                   device=args.device, checkpoint_dir=out, resume=getattr(args, "resume", False), source=source,
                   restarts=args.restarts, progress=show_progress(),
-                  learn_population=getattr(args, "population_prior", "learned") in ("learned", "tied"),
-                  tie_population=getattr(args, "population_prior", "learned") == "tied")
+                  learn_population=getattr(args, "population_prior", "tied") in ("learned", "tied"),
+                  tie_population=getattr(args, "population_prior", "tied") == "tied")
         if out is not None:
             model.save(out)
     return model
