@@ -56,7 +56,7 @@ class SimulationError(InputError):
 
 
 class ImagingError(InputError):
-    """A NIfTI manifest, image or atlas that cannot be imported or exported."""
+    """A NIfTI manifest, image or atlas, or a regional PET table, that cannot be imported or exported."""
 
 
 class DomainError(InputError):

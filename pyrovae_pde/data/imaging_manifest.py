@@ -21,7 +21,7 @@ import pandas as pd
 from ..errors import ImagingError
 from .contract import load_schema
 
-__all__ = ["DAYS_PER_YEAR", "read_manifest", "scan_where"]
+__all__ = ["DAYS_PER_YEAR", "read_csv_rows", "read_manifest", "scan_where"]
 
 DAYS_PER_YEAR = 365.25
 
@@ -83,7 +83,7 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise ImagingError(f"{path}: manifest file not found")
-    header, raw_rows, lines = _read_csv(path)
+    header, raw_rows, lines = read_csv_rows(path)
     _check_header(path, header, raw_rows)
     manifest = _Rows(path, [_typed_row(cells) for cells in raw_rows], lines)
     _check_schema(manifest)
@@ -92,8 +92,12 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     return _manifest_frame(manifest, times, visits)
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
-    """(header, nonempty rows of stripped cells, their line numbers); blank rows are skipped."""
+def read_csv_rows(path: Path, kind: str = "manifest") -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """(header, nonempty rows of stripped cells, their line numbers) of a CSV; blank rows are skipped.
+
+    A column named twice in the header is an error; ``kind`` names the file in messages
+    ("not a readable CSV manifest").
+    """
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -110,18 +114,18 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]], list[int]]:
                 raw_rows.append(cells)
                 lines.append(reader.line_num)
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise ImagingError(f"{path}: not a readable CSV manifest ({exc})") from None
+        raise ImagingError(f"{path}: not a readable CSV {kind} ({exc})") from None
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise ImagingError(f"{path}: column(s) {', '.join(map(repr, dupes))} appear more than once in the header")
     return header, raw_rows, lines
 
 
 def _check_header(path: Path, header: list[str], raw_rows: list[dict[str, str]]) -> None:
-    """The header names each column once and has subject, image and time or date; some scans follow."""
+    """The header has subject, image and time or date; some scans follow."""
     if not header:
         raise ImagingError(f"{path}: empty manifest; expected a header row with columns subject, "
                            "time (or date), image")
-    dupes = sorted({h for h in header if header.count(h) > 1})
-    if dupes:
-        raise ImagingError(f"{path}: column(s) {', '.join(map(repr, dupes))} appear more than once in the header")
     missing = [c for c in ("subject", "image") if c not in header]
     if missing or not ({"time", "date"} & set(header)):
         need = missing + ([] if {"time", "date"} & set(header) else ["time (or date)"])

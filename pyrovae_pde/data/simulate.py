@@ -4,6 +4,8 @@ Benchmarks:
 
 * ``paper-grid``: the paper's synthetic benchmark (32x32 grid, 1 mm, disc mask, visits 0, 6, 24).
 * ``graph``: a modular synthetic connectome of 68 regions, 2-5 irregular visits per subject.
+* ``hcp83``: the same visits on the shipped 83-region human connectome (``connectomes.load_connectome``),
+  seeded in the entorhinal cortex and hippocampus (Braak I-II).
 * ``mni-grid``: the MNI152 grey-matter mask shipped in nilearn's package data (no download),
   resampled to ``resolution`` mm (3-D) or one axial slice (2-D).
 """
@@ -18,6 +20,7 @@ import xarray as xr
 
 from ..errors import SimulationError
 from ..physics import Domain, GraphDomain, GridDomain, get_reaction, solve_active
+from .connectomes import load_connectome
 from .contract import SCHEMA_VERSION
 
 PAPER_COMPONENTS = ("fisher_kpp", "saturating", "zeldovich")
@@ -156,8 +159,31 @@ def simulate_graph(n_subjects: int, seed: int = 0, components: Sequence[str] = G
                    diffusivity_range=(0.05, 1.0), reaction_range=(0.1, 1.0),
                    min_visits: int = 2, max_visits: int = 5) -> xr.Dataset:
     """Graph cohort on a 68-region modular connectome; seeded at 3 regions; irregular visits (years)."""
-    rng = np.random.default_rng(seed)
     adjacency, names = modular_connectome()
+    n = adjacency.shape[0]
+
+    def initial(rng: np.random.Generator, u0: np.ndarray) -> None:
+        seeds = rng.choice(n, size=3, replace=False)
+        u0[seeds] = rng.uniform(0.3, 0.8, size=3)
+
+    return graph_cohort(adjacency, names, initial, n_subjects, seed=seed, components=components, weights=weights,
+                        noise_sd=noise_sd, diffusivity_range=diffusivity_range, reaction_range=reaction_range,
+                        min_visits=min_visits, max_visits=max_visits, attrs={"benchmark": "graph"})
+
+
+def graph_cohort(adjacency: np.ndarray, names: Sequence[str],
+                 initial: Callable[[np.random.Generator, np.ndarray], None], n_subjects: int, seed: int = 0,
+                 components: Sequence[str] = GRAPH_COMPONENTS,
+                 weights: Sequence[float] | None = None, noise_sd: float = 0.0,
+                 diffusivity_range=(0.05, 1.0), reaction_range=(0.1, 1.0),
+                 min_visits: int = 2, max_visits: int = 5, attrs: dict | None = None) -> xr.Dataset:
+    """A simulated cohort on the graph ``adjacency`` (n, n) with region ``names`` (n,).
+
+    Each subject gets ``min_visits``..``max_visits`` visits 0.5-2 years apart (times in years) and
+    an initial state set in place by ``initial(rng, u0)`` on a zero (n,) array; ``attrs`` are added
+    to the dataset's attributes (e.g. ``benchmark``).
+    """
+    rng = np.random.default_rng(seed)
     domain = GraphDomain(adjacency)
     n = adjacency.shape[0]
     subtype, diffusivity, reaction = _draw_truth(rng, n_subjects, components, weights,
@@ -168,8 +194,7 @@ def simulate_graph(n_subjects: int, seed: int = 0, components: Sequence[str] = G
     for i in range(n_subjects):
         gaps = rng.uniform(0.5, 2.0, size=n_visits[i] - 1)
         times[i, : n_visits[i]] = np.concatenate([[0.0], np.cumsum(gaps)])
-        seeds = rng.choice(n, size=3, replace=False)
-        u0[i, seeds] = rng.uniform(0.3, 0.8, size=3)
+        initial(rng, u0[i])
     fields = _simulate_fields(domain, u0, times, subtype, diffusivity, reaction, components)
     fields = _add_noise(rng, fields, noise_sd)
     fields[np.isnan(times)] = np.nan
@@ -179,8 +204,39 @@ def simulate_graph(n_subjects: int, seed: int = 0, components: Sequence[str] = G
          **_truth_vars(components, subtype, diffusivity, reaction)},
         coords={"subject": np.array([f"sub-{i:04d}" for i in range(n_subjects)], dtype=object),
                 "node": np.array(names, dtype=object), "neighbor": np.array(names, dtype=object)},
-        attrs={"schema_version": SCHEMA_VERSION, "domain": "graph", "benchmark": "graph", "seed": seed,
+        attrs={"schema_version": SCHEMA_VERSION, "domain": "graph", **(attrs or {}), "seed": seed,
                "noise_sd": noise_sd, "time_unit": "year"})
+
+
+# Braak I-II (transentorhinal/entorhinal, then hippocampus; Braak & Braak 1991, as staged on tau PET by
+# Schoell et al. 2016, who put the parahippocampal gyrus in stage III): seed region -> relative level.
+BRAAK_SEEDS = {"ctx-lh-entorhinal": 1.0, "ctx-rh-entorhinal": 1.0, "Left-Hippocampus": 0.5, "Right-Hippocampus": 0.5}
+
+
+def simulate_hcp83(n_subjects: int, seed: int = 0, components: Sequence[str] = GRAPH_COMPONENTS,
+                   weights: Sequence[float] | None = None, noise_sd: float = 0.0,
+                   diffusivity_range=(0.05, 1.0), reaction_range=(0.1, 1.0),
+                   min_visits: int = 2, max_visits: int = 5) -> xr.Dataset:
+    """Cohort on the shipped 83-region human connectome (``load_connectome("hcp83")``), seeded in Braak I-II.
+
+    As ``simulate_graph`` (same arguments, visits and truth) but on the real connectome, whose
+    Laplacian is scaled like the synthetic one (mean weighted degree 1), so D (1/yr) and r (1/yr)
+    have the same ranges. Each subject starts with ``level * U(0.3, 0.8)`` in each seed region of
+    ``BRAAK_SEEDS`` (entorhinal cortex 1, hippocampus 0.5, drawn per region) and 0 elsewhere.
+    """
+    connectome = load_connectome("hcp83")
+    index = np.array([connectome.regions.index(name) for name in BRAAK_SEEDS])
+    level = np.array(list(BRAAK_SEEDS.values()))
+
+    def initial(rng: np.random.Generator, u0: np.ndarray) -> None:
+        u0[index] = level * rng.uniform(0.3, 0.8, size=index.size)
+
+    return graph_cohort(connectome.adjacency, connectome.regions, initial, n_subjects, seed=seed,
+                        components=components, weights=weights, noise_sd=noise_sd,
+                        diffusivity_range=diffusivity_range, reaction_range=reaction_range,
+                        min_visits=min_visits, max_visits=max_visits,
+                        attrs={"benchmark": "hcp83", "connectome": "hcp83",
+                               "connectome_threshold": connectome.threshold})
 
 
 def mni_gm_mask(resolution: float = 6.0, slice_axial: int | None = None) -> tuple[np.ndarray, float, np.ndarray]:
@@ -242,6 +298,7 @@ def simulate_mni_grid(n_subjects: int, seed: int = 0, components: Sequence[str] 
 BENCHMARKS: dict[str, Benchmark] = {
     "paper-grid": Benchmark("paper-grid", PAPER_COMPONENTS, (0.01, 1.0), (0.01, 0.1), simulate_paper_grid),
     "graph": Benchmark("graph", GRAPH_COMPONENTS, (0.05, 1.0), (0.1, 1.0), simulate_graph),
+    "hcp83": Benchmark("hcp83", GRAPH_COMPONENTS, (0.05, 1.0), (0.1, 1.0), simulate_hcp83),
     "mni-grid": Benchmark("mni-grid", PAPER_COMPONENTS, (1.0, 20.0), (0.05, 0.5), simulate_mni_grid),
 }
 

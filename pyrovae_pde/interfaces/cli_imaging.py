@@ -1,25 +1,36 @@
-"""Subcommands for neuroimaging: ``import`` (NIfTI cohort -> contract file) and ``export-nifti``."""
+"""Subcommands for neuroimaging: ``import`` (NIfTI cohort -> contract file), ``import-regional``
+(regional PET table on a connectome -> contract file) and ``export-nifti``."""
 from __future__ import annotations
 
 import argparse
 import sys
 import warnings
+from typing import Callable, TypeVar
 
 from .cli_data import axial_slice
+
+T = TypeVar("T")
+
+
+def _warning_lines(command: str, make: Callable[[], T]) -> T:
+    """``make()``, its warnings printed as one line each after it succeeds (none if it fails)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = make()
+    for warning in caught:
+        print(f"pyrovae-pde {command}: warning: {warning.message}", file=sys.stderr)
+    return result
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from ..data.contract import save_dataset
     from ..data.imaging import import_cohort
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ds = import_cohort(args.manifest, reference=args.reference, mask=args.mask, resolution=args.resolution,
-                           slice_axial=args.slice, atlas=args.atlas, connectome=args.connectome,
-                           labels=args.labels, suvr_min=args.suvr_min, suvr_max=args.suvr_max,
-                           dtype="float64" if args.float64 else "float32", progress=not args.no_progress)
-    for warning in caught:
-        print(f"pyrovae-pde import: warning: {warning.message}", file=sys.stderr)
+    ds = _warning_lines("import", lambda: import_cohort(
+        args.manifest, reference=args.reference, mask=args.mask, resolution=args.resolution,
+        slice_axial=args.slice, atlas=args.atlas, connectome=args.connectome, labels=args.labels,
+        suvr_min=args.suvr_min, suvr_max=args.suvr_max, dtype="float64" if args.float64 else "float32",
+        progress=not args.no_progress))
     save_dataset(ds, args.out, validate=False)  # import_cohort has validated it
     n_scans = int((~ds["time"].isnull()).sum())
     shape = tuple(ds["signal"].shape[2:])
@@ -34,6 +45,21 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_regional(args: argparse.Namespace) -> int:
+    from ..data.contract import save_dataset
+    from ..data.regional import import_regional
+
+    ds = _warning_lines("import-regional", lambda: import_regional(
+        args.table, args.connectome, reference_region=args.reference_region, suvr_min=args.suvr_min,
+        suvr_max=args.suvr_max, threshold=args.threshold))
+    save_dataset(ds, args.out, validate=False)  # import_regional has validated it
+    n_scans = int((~ds["time"].isnull()).sum())
+    print(f"wrote {args.out}: {ds.sizes['subject']} subjects, {n_scans} visits, graph of {ds.sizes['node']} regions "
+          f"(connectome {ds.attrs['connectome']}, {int((ds['adjacency'].values > 0).sum()) // 2} edges); SUVR scaled "
+          f"by [{ds.attrs['suvr_min']:.4g}, {ds.attrs['suvr_max']:.4g}] -> [0, 1]")
+    return 0
+
+
 def cmd_export_nifti(args: argparse.Namespace) -> int:
     from ..data.imaging import export_nifti
 
@@ -44,6 +70,8 @@ def cmd_export_nifti(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..data.connectomes import DEFAULT_THRESHOLD
+
     p = subparsers.add_parser(
         "import", help="import a longitudinal NIfTI PET cohort (manifest CSV) into a contract file",
         description="Read a manifest CSV (subject, time or date, image), load the NIfTI scans, normalise to "
@@ -69,6 +97,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--float64", action="store_true", help="store the signal as float64 (default float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_import)
+
+    p = subparsers.add_parser(
+        "import-regional", help="import a long regional PET table (subject, time, region, value) on a connectome",
+        description="Read a long CSV table with columns subject, time (years) or date (ISO), region and value, one "
+                    "row per subject, visit and region; map the regions onto a connectome by name, optionally "
+                    "divide by a reference region (SUVR), scale the cohort to [0, 1] and write a graph contract "
+                    "file atomically. See data_schemas/REGIONAL.md.")
+    p.add_argument("table", help="regional table CSV")
+    p.add_argument("--connectome", required=True,
+                   help="a shipped connectome (hcp83) or a CSV matrix with a header row and first column of "
+                        "region names")
+    p.add_argument("--out", required=True, help="output NetCDF contract file")
+    p.add_argument("--reference-region", default=None,
+                   help="region (a value of the region column) each visit's values are divided by (SUVR); "
+                        "it need not be a connectome region")
+    p.add_argument("--suvr-min", type=float, default=None, help="SUVR mapped to 0 (default: cohort minimum)")
+    p.add_argument("--suvr-max", type=float, default=None, help="SUVR mapped to 1 (default: cohort maximum)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="drop connectome weights below this fraction of the largest (default 0.01)")
+    p.set_defaults(handler=cmd_import_regional)
 
     p = subparsers.add_parser(
         "export-nifti", help="write fields of a contract/result file back to NIfTI in the input space",
