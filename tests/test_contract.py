@@ -263,3 +263,17 @@ def test_successful_save_replaces_file_and_leaves_only_it(paper_ds, graph_ds, tm
     save_dataset(graph_ds, path)
     assert sorted(os.listdir(path.parent)) == ["cohort.nc"]
     xr.testing.assert_identical(load_dataset(path), graph_ds)
+
+
+def test_atomic_write_gives_the_file_the_mode_of_a_plain_open(tmp_path):
+    """Files the package writes (cohorts, reports, figures) are readable like any other file the
+    user creates: 0666 less the umask, not the 0600 of the temporary file they are written through."""
+    from pyrovae_pde.data.contract import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "out.txt", lambda tmp: open(tmp, "w").write("x"))
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644

@@ -261,7 +261,8 @@ def load_dataset(path: str | os.PathLike) -> xr.Dataset:
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
-    A failure leaves any existing ``path`` untouched and no temporary file behind.
+    A failure leaves any existing ``path`` untouched and no temporary file behind; the file gets
+    the permissions of a plain ``open()`` (0666 less the umask), not mkstemp's 0600.
     """
     path = Path(path)
     if path.is_dir():
@@ -272,6 +273,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates the file 0600; give the result the mode a plain open() would (0666 less umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = (
     "pyrovae_pde.interfaces.cli_model",
     "pyrovae_pde.interfaces.cli_imaging",
     "pyrovae_pde.interfaces.cli_analysis",
+    "pyrovae_pde.interfaces.cli_report",
 )
 
 
