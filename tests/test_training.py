@@ -246,4 +246,6 @@ def test_a_tied_fit_shares_its_populations_and_keeps_them_on_reload(small_graph,
     model.save(tmp_path / "run")
     again = SubtypeModel.load(tmp_path / "run").module_
     assert bool(again.population_tied)
+    recorded = json.loads((tmp_path / "run" / "model.json").read_text())["domain"]
+    assert recorded["solver"] == "spectral" and recorded["n_nodes"] == module.domain.n_nodes  # a 68-node graph
     assert torch.equal(again.population_loc, module.population_loc)

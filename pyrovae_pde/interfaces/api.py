@@ -22,7 +22,7 @@ from ..inference.quadrature import DEFAULT_TOLERANCE
 from ..inference.train import TrainConfig, TrainState, train
 from ..model.module import MixturePDE
 from ..model.priors import LogNormalPrior, Priors, cohort_priors
-from ..physics import Domain, GraphDomain, GridDomain, get_reaction
+from ..physics import Domain, GraphDomain, GridDomain, get_reaction, resolve_method
 from ..physics.solvers import DEFAULT_INITIAL_REACTION_STEP, DEFAULT_REACTION_STEP
 
 RESTART_SPREAD_WARNING = 1.0  # nats per subject between the best and worst restart's validation ELBO
@@ -288,7 +288,9 @@ class SubtypeModel:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         domain = self.domain_
-        domain_payload = {"kind": domain.kind, "laplacian_fingerprint": domain.fingerprint()}
+        domain_payload = {"kind": domain.kind, "laplacian_fingerprint": domain.fingerprint(),
+                          "n_nodes": domain.n_nodes,
+                          "solver": resolve_method(domain, module.solver_settings().method)}
         tensors = {"state_dict": module.state_dict()}
         if domain.kind == "grid":
             mask = np.zeros(int(np.prod(domain.spatial_shape)), dtype=np.int8)

@@ -8,6 +8,7 @@ Both kinds of domain reduce to one symmetric positive semi-definite Laplacian ``
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -120,6 +121,29 @@ class Domain:
             values = torch.as_tensor(coo.data, dtype=dtype)
             tensor = torch.sparse_coo_tensor(index, values, coo.shape, check_invariants=True).coalesce()
             self._cache[key] = tensor.to(device)
+        return self._cache[key]
+
+    def gershgorin_bound(self) -> float:
+        """An upper bound on the eigenvalues of ``L`` (1/length^2): max_i sum_j |L_ij|, from the sparse
+        matrix (no eigen-decomposition), cached."""
+        if "gershgorin" not in self._cache:
+            row_sums = abs(self.laplacian).sum(axis=1)
+            self._cache["gershgorin"] = float(np.max(row_sums)) if self.n_nodes else 0.0
+        return self._cache["gershgorin"]
+
+    def scaled_laplacian(self, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """B = 2 L / b - I (b = ``gershgorin_bound``; spectrum in [-1, 1]) as torch sparse CSR, cached."""
+        key = ("scaled", dtype, str(device))
+        if key not in self._cache:
+            bound = self.gershgorin_bound()
+            scaled = (2.0 / bound) * self.laplacian if bound > 0 else self.laplacian
+            scaled = sp.csr_matrix(scaled - sp.identity(self.n_nodes, format="csr"))
+            scaled.sort_indices()
+            with warnings.catch_warnings():  # torch flags sparse CSR as "beta"; its CPU/CUDA matmul is what we use
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                self._cache[key] = torch.sparse_csr_tensor(
+                    torch.as_tensor(scaled.indptr, dtype=torch.long), torch.as_tensor(scaled.indices, dtype=torch.long),
+                    torch.as_tensor(scaled.data, dtype=dtype), scaled.shape, check_invariants=True).to(device)
         return self._cache[key]
 
 

@@ -1,30 +1,36 @@
 """Batched solvers of du/dt = -D L u + r f_k(u) over subjects AND components.
 
-Two interchangeable methods share one signature:
+Three interchangeable methods share one signature:
 
-* ``"spectral"`` (default for domains up to ``SPECTRAL_MAX_NODES`` nodes): diffusion is solved
+* ``"spectral"`` (``"auto"`` for domains up to ``SPECTRAL_MAX_NODES`` nodes): diffusion is solved
   exactly in the eigenbasis of L (u -> V exp(-D Lambda dt) V^T u), the pointwise reaction by its
   exact flow (or RK4), combined by second-order Strang splitting, and by default Richardson
   extrapolation of n and 2n steps. The step count per visit interval is chosen per subject from
   the dimensionless reaction step r*dt, finer in the first interval, which starts from the
   observed (rough) initial field. Fields are kept in [0, 1], the range of a normalised
   concentration that the exact solution never leaves.
+* ``"chebyshev"`` (``"auto"`` above ``SPECTRAL_MAX_NODES``): the same splitting, step counts,
+  reaction flows, extrapolation and clamping, with each diffusion step exp(-D dt L) v evaluated by
+  a Chebyshev expansion on [0, Gershgorin bound of L] using only sparse CSR products (see
+  ``chebyshev.py``): no eigenbasis and no dense n x n matrix, for 3-D masks of 10^4-10^6 voxels.
 * any torchdiffeq method (``"dopri5"``, ``"rk4"``, ...): the method-of-lines system with the
   sparse Laplacian, integrated by ``torchdiffeq.odeint`` (or ``odeint_adjoint``) over the union
   of all subjects' visit times (relative to each subject's first visit).
 
-Tests hold the spectral path to the torchdiffeq reference and to scipy's ``solve_ivp``.
+Tests hold the spectral path to the torchdiffeq reference and to scipy's ``solve_ivp``, and the
+Chebyshev path to the spectral one and to scipy (tests/test_physics_large.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ..errors import SolverInputError
+from .chebyshev import DEFAULT_EXPM_TOL, Diffuse, chebyshev_propagator
 from .domains import Domain
 from .reactions import ReactionTerm, get_reaction
 
@@ -68,13 +74,17 @@ def _check(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusivity: t
 class SolverSettings:
     """How ``solve``/``solve_active`` integrate (every field has the solvers' default).
 
-    ``method``: ``"spectral"``, ``"auto"`` (spectral up to ``SPECTRAL_MAX_NODES`` nodes, else
-    dopri5) or a torchdiffeq method name. Spectral: ``reaction_step`` and
+    ``method``: ``"spectral"``, ``"chebyshev"``, ``"auto"`` (spectral up to ``SPECTRAL_MAX_NODES``
+    nodes, else chebyshev; see ``resolve_method``) or a torchdiffeq method name. Spectral and
+    chebyshev (the same splitting, different diffusion steps): ``reaction_step`` and
     ``initial_reaction_step`` are the largest r*dt of a Strang step after and within the first
     visit interval; ``extrapolate`` combines n and 2n steps (Richardson); ``max_steps`` caps the
     steps per interval; ``rate_floor`` is the smallest rate in the step-count rule (``None``: the
-    batch's largest); ``max_substep`` bounds the RK4 substeps of terms without an exact flow.
-    torchdiffeq: ``rtol``, ``atol`` and ``adjoint`` (``odeint_adjoint``).
+    batch's largest); ``max_substep`` bounds the RK4 substeps of terms without an exact flow;
+    ``expm_tol`` (chebyshev only) bounds each diffusion step's per-node truncation error relative
+    to max|u| (one expansion degree per visit interval, the largest any subject in the batch needs,
+    so batch mates change a subject's result by at most that per step). torchdiffeq: ``rtol``, ``atol`` and
+    ``adjoint`` (``odeint_adjoint``).
     """
 
     method: str = "auto"
@@ -84,6 +94,7 @@ class SolverSettings:
     max_steps: int | None = None
     rate_floor: float | None = 0.0
     max_substep: float = DEFAULT_MAX_SUBSTEP
+    expm_tol: float = DEFAULT_EXPM_TOL
     rtol: float = 1e-6
     atol: float = 1e-8
     adjoint: bool = False
@@ -96,6 +107,15 @@ def _with_options(settings: SolverSettings | None, options: dict) -> SolverSetti
         raise SolverInputError(f"unknown solver option {unknown[0]!r}; the options are the fields of SolverSettings: "
                                f"{', '.join(f.name for f in dataclasses.fields(SolverSettings))}")
     return dataclasses.replace(settings, **options) if options else settings
+
+
+def resolve_method(domain: Domain, method: str = "auto") -> str:
+    """The method ``solve_active`` uses on ``domain`` for ``method``: ``"auto"`` is ``"spectral"`` up to
+    ``SPECTRAL_MAX_NODES`` nodes (dense eigenbasis, built once) and ``"chebyshev"`` above; any other
+    name is returned unchanged. Record it with a run to know which solver produced its fields."""
+    if method == "auto":
+        return "spectral" if domain.n_nodes <= SPECTRAL_MAX_NODES else "chebyshev"
+    return method
 
 
 def solve_active(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusivity: torch.Tensor,
@@ -127,12 +147,15 @@ def solve_active(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusiv
     tau = relative_times(times)
     if (tau[:, 1:] < tau[:, :-1]).any():
         raise SolverInputError("each subject's visit times must be ascending")
-    method = settings.method
-    if method == "auto":
-        method = "spectral" if domain.n_nodes <= SPECTRAL_MAX_NODES else "dopri5"
+    method = resolve_method(domain, settings.method)
     if method == "spectral":
-        return _solve_spectral(domain, u0, tau, diffusivity, reaction, terms, settings, step_rates)
-    return _solve_odeint(domain, u0, tau, diffusivity, reaction, terms, dataclasses.replace(settings, method=method))
+        propagator = _eigenbasis_propagator(domain, u0.dtype, u0.device)
+    elif method == "chebyshev":
+        propagator = chebyshev_propagator(domain, u0.dtype, u0.device, settings.expm_tol)
+    else:
+        return _solve_odeint(domain, u0, tau, diffusivity, reaction, terms,
+                             dataclasses.replace(settings, method=method))
+    return _solve_split(u0, tau, diffusivity, reaction, terms, settings, propagator, step_rates)
 
 
 def solve(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusivity: torch.Tensor,
@@ -180,15 +203,30 @@ def _step_counts(interval: torch.Tensor, subject_rate: torch.Tensor, reaction_st
     return torch.where(interval > 0, n_steps, torch.zeros_like(n_steps))
 
 
+Propagator = Callable[[torch.Tensor, torch.Tensor], Diffuse]
+
+
+def _eigenbasis_propagator(domain: Domain, dtype: torch.dtype, device: torch.device | str) -> Propagator:
+    """Exact diffusion steps in the dense eigenbasis of L (see ``chebyshev_propagator`` for the contract)."""
+    evals, evecs = domain.eigh(dtype, device)  # (n,), (n, n)
+
+    def prepare(diffusivity: torch.Tensor, dt: torch.Tensor) -> Diffuse:
+        decay = torch.exp(-diffusivity[..., None] * evals * dt)  # (R, K, n)
+        return lambda state, rows: ((state @ evecs) * decay[:rows]) @ evecs.T
+
+    return prepare
+
+
 def _strang_interval(u: torch.Tensor, interval: torch.Tensor, n_steps: torch.Tensor,
-                     diffusivity: torch.Tensor, rate: torch.Tensor, evals: torch.Tensor,
-                     evecs: torch.Tensor, terms: list[ReactionTerm], substeps: int) -> torch.Tensor:
+                     diffusivity: torch.Tensor, rate: torch.Tensor, propagator: Propagator,
+                     terms: list[ReactionTerm], substeps: int) -> torch.Tensor:
     """Advance u (R, K, n) over one visit interval (R,) by n_steps (R,) Strang steps per run.
 
-    ``substeps``: RK4 substeps per reaction flow of a full step (for terms without an exact flow).
+    ``propagator``: the diffusion steps (eigenbasis or Chebyshev). ``substeps``: RK4 substeps per
+    reaction flow of a full step (for terms without an exact flow).
 
     Runs are sorted by step count, so at step m the runs still stepping are a leading block and
-    the dense eigenbasis products are spent on those rows only.
+    the diffusion products are spent on those rows only.
     """
     most = int(n_steps.max()) if n_steps.numel() else 0
     if not most:
@@ -196,7 +234,7 @@ def _strang_interval(u: torch.Tensor, interval: torch.Tensor, n_steps: torch.Ten
     order = torch.argsort(n_steps, descending=True, stable=True)
     steps = n_steps[order]  # (R,) descending
     dt = (interval[order] / steps.clamp(min=1))[:, None, None]  # (R, 1, 1)
-    decay = torch.exp(-diffusivity[order][..., None] * evals * dt)  # (R, K, n)
+    diffuse = propagator(diffusivity[order], dt)
     full_s = rate[order][..., None] * dt  # (R, K, 1) reaction time of one step
     active_rows = [int((steps > m).sum()) for m in range(most)]
     # R(h/2) D(h) R(h/2) per step, with adjacent half reactions merged:
@@ -204,22 +242,21 @@ def _strang_interval(u: torch.Tensor, interval: torch.Tensor, n_steps: torch.Ten
     state = _reaction_flow(terms, u[order], 0.5 * full_s, substeps)
     for m, rows in enumerate(active_rows):
         # Clamping to [0, 1] (the invariant range of the exact solution) removes float32 round-off
-        # of the eigenbasis products, which the unstable equilibria of the reaction ODE (u = 0,
-        # and u = 1 for saturating terms) would otherwise amplify.
-        diffused = (((state[:rows] @ evecs) * decay[:rows]) @ evecs.T).clamp(0.0, 1.0)
+        # of the eigenbasis products (and the Chebyshev truncation error), which the unstable
+        # equilibria of the reaction ODE (u = 0, and u = 1 for saturating terms) would otherwise amplify.
+        diffused = diffuse(state[:rows], rows).clamp(0.0, 1.0)
         last = (m == steps[:rows] - 1).to(full_s)[:, None, None]  # (rows, 1, 1)
         stepped = _reaction_flow(terms, diffused, full_s[:rows] * (1.0 - 0.5 * last), substeps)
         state = stepped if rows == state.shape[0] else torch.cat([stepped, state[rows:]], dim=0)
     return state[torch.argsort(order)]
 
 
-def _solve_spectral(domain: Domain, u0: torch.Tensor, tau: torch.Tensor, diffusivity: torch.Tensor,
-                    reaction: torch.Tensor, terms: list[ReactionTerm], settings: SolverSettings,
-                    step_rates: torch.Tensor | None = None) -> torch.Tensor:
+def _solve_split(u0: torch.Tensor, tau: torch.Tensor, diffusivity: torch.Tensor, reaction: torch.Tensor,
+                 terms: list[ReactionTerm], settings: SolverSettings, propagator: Propagator,
+                 step_rates: torch.Tensor | None = None) -> torch.Tensor:
     reaction_step, initial_reaction_step = settings.reaction_step, settings.initial_reaction_step
     extrapolate, max_steps, rate_floor = settings.extrapolate, settings.max_steps, settings.rate_floor
     max_substep = settings.max_substep
-    evals, evecs = domain.eigh(u0.dtype, u0.device)  # (n,), (n, n)
     n_sub, n_comp = diffusivity.shape
     has_rate = torch.tensor([t.has_rate for t in terms], device=u0.device, dtype=u0.dtype)
     rate = reaction * has_rate  # (N, K); zero for rate-free components
@@ -247,7 +284,7 @@ def _solve_spectral(domain: Domain, u0: torch.Tensor, tau: torch.Tensor, diffusi
         # Fixed from the step bound, not from the data, so batch mates do not change a subject.
         substeps = max(1, math.ceil(step / max_substep))
         u = _strang_interval(u, interval.repeat(copies), n_steps.repeat(copies) * refinement,
-                             run_diffusivity, run_rate, evals, evecs, terms, substeps)
+                             run_diffusivity, run_rate, propagator, terms, substeps)
         if extrapolate:
             outputs.append(((4.0 * u[n_sub:] - u[:n_sub]) / 3.0).clamp(0.0, 1.0))
         else:
