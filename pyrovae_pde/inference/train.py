@@ -57,6 +57,7 @@ from ..data.cohort import CohortTensors
 from ..data.contract import read_torch_file
 from ..errors import MissingFileError, TrainingDivergedError
 from ..model.module import MixturePDE
+from . import distributed as ddp
 from .objective import evaluate_elbo, noise_sd, refine
 from .prior_check import prior_conflict
 from .train_config import TrainConfig, TrainState
@@ -92,7 +93,10 @@ def _save_checkpoint(path: Path, trainer: Trainer, state: TrainState, best_state
     payload = {"module": trainer.module.state_dict(), "wake_optimizer": trainer.wake_opt.state_dict(),
                "encoder_optimizer": trainer.encoder_opt.state_dict(), "state": asdict(state),
                "best_module": best_state, "config": asdict(config), "torch_rng": torch.get_rng_state(),
-               "train_modes": trainer.train_modes, "val_modes": trainer.val_modes, "finished": finished}
+               "train_modes": trainer.train_modes, "val_modes": trainer.val_modes, "finished": finished,
+               "world_size": trainer.world}
+    if ddp.rank() != 0:  # only rank 0 writes (every rank holds the same state)
+        return
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
@@ -113,18 +117,29 @@ def train(module: MixturePDE, data: CohortTensors, config: TrainConfig | None = 
     ``TrainConfig()`` (the defaults) when not given.
     """
     config = TrainConfig() if config is None else config
+    started = ddp.init_from_env(config.device, config.distributed_timeout) if config.distributed else False
+    try:
+        return _train(module, data, config, checkpoint_dir, resume)
+    except Exception:
+        if config.distributed and ddp.world_size() > 1:
+            LOGGER.error("rank %d of %d failed; the other ranks stop at their next collective (within "
+                         "distributed_timeout)", ddp.rank(), ddp.world_size())
+        raise
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _train(module: MixturePDE, data: CohortTensors, config: TrainConfig, checkpoint_dir, resume: bool) -> TrainState:
+    if ddp.rank() != 0:  # progress bars and logs from rank 0 only
+        config = dataclasses.replace(config, progress=False)
     device = torch.device(config.device)
     module.to(device)
     data = data.to(device)
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     payload = None
     if resume:
-        if checkpoint is None or not checkpoint.exists():
-            raise MissingFileError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
-        payload = read_torch_file(checkpoint, "start the fit again without --resume", map_location=device)
-        if "wake_optimizer" not in payload:
-            raise TrainingDivergedError(f"{checkpoint} was written by an older version of pyrovae_pde "
-                                        "(before semi-amortized training); start the fit again without --resume")
+        payload = _read_checkpoint(checkpoint, device, config.distributed and ddp.world_size() > 1)
     finished = payload["finished"] if payload else None  # best finished restart: {"state", "module"}
     first_restart = TrainState(**payload["state"]).restart if payload else 0
     for restart in range(first_restart, config.restarts):
@@ -146,6 +161,32 @@ def train(module: MixturePDE, data: CohortTensors, config: TrainConfig | None = 
         trainer = Trainer(module, data, config, device)
         _save_checkpoint(checkpoint, trainer, state, finished["module"], config, finished)
     return state
+
+
+def _read_checkpoint(checkpoint: Path | None, device: torch.device, shared: bool) -> dict:
+    """The checkpoint's payload; ``shared`` (distributed): read by rank 0 and sent to every rank (the
+    other ranks need no copy of the run directory), errors raised on every rank alike."""
+    error, payload = None, None
+    if not shared or ddp.rank() == 0:
+        try:
+            if checkpoint is None or not checkpoint.exists():
+                raise MissingFileError(f"--resume: no checkpoint at {checkpoint}; start without --resume")
+            payload = read_torch_file(checkpoint, "start the fit again without --resume",
+                                      map_location="cpu" if shared else device)
+            if "wake_optimizer" not in payload:
+                raise TrainingDivergedError(f"{checkpoint} was written by an older version of pyrovae_pde (before "
+                                            "semi-amortized training); start the fit again without --resume")
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            error = exc
+    if shared:
+        error, payload = ddp.broadcast_object((error, payload))
+    if error is not None:
+        raise error
+    if shared:
+        for key in ("train_modes", "val_modes"):
+            if isinstance(payload.get(key), torch.Tensor):
+                payload[key] = payload[key].to(device)
+    return payload
 
 
 def _start_or_resume(trainer: Trainer, config: TrainConfig, payload: dict | None,
@@ -195,7 +236,7 @@ def _train_once(module: MixturePDE, data: CohortTensors, config: TrainConfig, ch
     state.stop_reason = "running"
     desc = "fit" if config.restarts == 1 else f"fit (restart {restart + 1})"
     bar = tqdm(range(state.epoch, config.epochs), desc=desc,
-               unit="epoch", disable=not config.progress, initial=state.epoch, total=config.epochs)
+               unit="epoch", disable=not config.progress or ddp.rank() != 0, initial=state.epoch, total=config.epochs)
     for epoch in bar:
         record = trainer.epoch(epoch)
         state.skipped_steps += record["skipped_steps"]
@@ -229,9 +270,10 @@ def _train_once(module: MixturePDE, data: CohortTensors, config: TrainConfig, ch
         # improvements within twice the validation ELBO's MC error are not improvements
         plateau, state.elbo_slope = _plateau(values, config.plateau_window, max(config.plateau_tolerance, 2 * se))
         bar.set_postfix({k: f"{record[k]:.4g}" for k in ("train_elbo", "val_elbo") if k in record})
-        LOGGER.info("%s: epoch %d/%d: train ELBO %.4g, validation ELBO %.4g +- %.2g%s", desc, state.epoch,
-                    config.epochs, record.get("train_elbo", math.nan), record["val_elbo"], se,
-                    "; rolled back, learning rate halved" if collapsed else "")
+        if ddp.rank() == 0:
+            LOGGER.info("%s: epoch %d/%d: train ELBO %.4g, validation ELBO %.4g +- %.2g%s", desc, state.epoch,
+                        config.epochs, record.get("train_elbo", math.nan), record["val_elbo"], se,
+                        "; rolled back, learning rate halved" if collapsed else "")
         done = plateau and state.epoch >= config.min_epochs and not collapsed
         if done:
             state.converged, state.stopped_early, state.stop_reason = True, state.epoch < config.epochs, "plateau"

@@ -42,6 +42,10 @@ class TrainConfig:
     max_rollbacks: int = 4
     restarts: int = 1
     progress: bool = True
+    # data-parallel over torch.distributed (distributed.py; launched by torchrun): each rank takes every
+    # P-th subject of each global minibatch of batch_size; collectives fail after distributed_timeout seconds
+    distributed: bool = False
+    distributed_timeout: float = 600.0
 
     def __post_init__(self):
         if self.guide not in GUIDES:

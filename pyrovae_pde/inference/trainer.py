@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..data.cohort import CohortTensors
 from ..model.likelihood import NOISE_FLOOR
 from ..model.module import MixturePDE, RefinedPosterior
+from . import distributed as ddp
 from .encoding import encode_cohort
 from .laplace import LaplaceFit, laplace_evidence, pooled_residual_variance
 from .objective import evaluate_elbo, finite_grads, modes_as_start, noise_sd, refine, trace_elbo
@@ -44,14 +45,28 @@ class Trainer:
         self.train_modes: torch.Tensor | None = None  # (N_train, K, 2) last modes
         self.val_modes: torch.Tensor | None = None
         self.last_fit: LaplaceFit | None = None  # the training subjects' Laplace fits of the last epoch
+        # data-parallel (distributed.py): this rank's share of every global batch, the rest all-reduced/gathered
+        self.world = ddp.world_size() if config.distributed else 1
 
     # ------------------------------------------------------------------ steps
-    def _apply(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params) -> bool:
-        """Backward and step if everything is finite; False (nothing changed) otherwise."""
-        if not torch.isfinite(loss):
-            return False
-        optimizer.zero_grad()
-        loss.backward()
+    def _apply(self, loss: torch.Tensor | None, optimizer: torch.optim.Optimizer, params) -> bool:
+        """Backward and step if everything is finite; False (nothing changed) otherwise. Distributed,
+        ``loss`` is this rank's share-weighted part (None: no subjects here) and the gradients are
+        summed over the ranks first (every rank then decides alike)."""
+        if self.world > 1:
+            optimizer.zero_grad()
+            finite = loss is None or bool(torch.isfinite(loss))
+            if loss is not None and finite:
+                loss.backward()
+            self.last_loss = ddp.reduce_gradients(params, 0.0 if loss is None else float(loss.detach()), finite)
+            if not math.isfinite(self.last_loss):
+                optimizer.zero_grad()
+                return False
+        else:
+            if not torch.isfinite(loss):
+                return False
+            optimizer.zero_grad()
+            loss.backward()
         if not finite_grads(params):
             optimizer.zero_grad()
             return False
@@ -63,20 +78,46 @@ class Trainer:
         c, m, d = self.config, self.module, self.train_data
         pick = torch.randint(self.n_train, (c.sleep_batch_size,), generator=self.generator).to(self.device)
         noise = torch.exp(m.noise_loc.detach())
+        if self.world > 1:  # the batch's draws on every rank, this rank's rows solved
+            positions = torch.arange(ddp.rank(), len(pick), self.world, device=self.device)
+            try:
+                loss = ddp.sleep_loss_shard(m, d.signal[pick, 0], d.times[pick], d.observed[pick], noise, positions)
+            except ValueError:
+                loss = torch.tensor(math.nan)
+            return self._apply(loss, self.encoder_opt, list(m.encoder.parameters()))
         try:
             loss = m.sleep_loss(d.signal[pick, 0], d.times[pick], d.observed[pick], noise)
         except ValueError:  # a distribution validated non-finite parameters
             return False
         return self._apply(loss, self.encoder_opt, list(m.encoder.parameters()))
 
-    def distill_step(self, idx: torch.Tensor, refined: RefinedPosterior) -> bool:
+    def distill_step(self, idx: torch.Tensor, refined: RefinedPosterior, share: float = 1.0) -> bool:
+        """``share``: distributed, this rank's part of the global batch (idx is its shard)."""
         d = self.train_data
-        loss = self.module.distillation_loss(d.signal[idx], d.times[idx], d.observed[idx], refined)
+        loss = None
+        if len(idx):
+            loss = self.module.distillation_loss(d.signal[idx], d.times[idx], d.observed[idx], refined) * share \
+                if self.world > 1 else self.module.distillation_loss(d.signal[idx], d.times[idx], d.observed[idx],
+                                                                     refined)
         return self._apply(loss, self.encoder_opt, list(self.module.encoder.parameters()))
 
-    def wake_step(self, idx: torch.Tensor, refined: RefinedPosterior | None) -> float:
+    def wake_step(self, idx: torch.Tensor, refined: RefinedPosterior | None,
+                  positions: torch.Tensor | None = None, batch: int | None = None) -> float:
+        """Distributed: ``idx`` is this rank's shard, at ``positions`` of a global batch of ``batch``;
+        returns the global batch's loss."""
         d = self.train_data
         params = [p for group in self.wake_opt.param_groups for p in group["params"]]
+        if self.world > 1:
+            loss = None
+            if len(idx):
+                try:
+                    with ddp.SharedDraws(positions, batch):
+                        loss = self.elbo.differentiable_loss(self.module.model, self.module.guide, d.signal[idx],
+                                                             d.times[idx], d.observed[idx], idx, self.n_train,
+                                                             refined=refined) * (len(idx) / batch)
+                except ValueError:
+                    loss = torch.tensor(math.nan)
+            return self.last_loss if self._apply(loss, self.wake_opt, params) else math.nan
         try:
             loss = self.elbo.differentiable_loss(self.module.model, self.module.guide, d.signal[idx], d.times[idx],
                                                  d.observed[idx], idx, self.n_train, refined=refined)
@@ -98,11 +139,13 @@ class Trainer:
         """Modes of every subject by global search; noise and weights from them; distillation."""
         c, m = self.config, self.module
         data = self._all()
+        rows = torch.arange(ddp.rank(), data.n_subjects, self.world)  # distributed: this rank's subjects
+        mine = data if self.world == 1 else data.subset(rows).to(self.device)
         with torch.no_grad():
-            guide = encode_cohort(m, data)
+            guide = encode_cohort(m, mine)
         sd = math.sqrt(m.priors.noise_median ** 2 + NOISE_FLOOR ** 2)
-        search = search_modes(m, data, sd, grid_size=c.search_grid, start=guide, dtype=data.signal.dtype,
-                              tolerance=1e-2, max_iter=8)
+        search = self._gather(rows, search_modes(m, mine, sd, grid_size=c.search_grid, start=guide,
+                                                 dtype=data.signal.dtype, tolerance=1e-2, max_iter=8))
         n_tr = self.n_train
         variance = max(pooled_residual_variance(search.sse[:n_tr], search.n_obs[:n_tr]) or sd ** 2, NOISE_FLOOR ** 2)
         # The population priors and weights by EM on the Laplace approximations at the data's noise
@@ -113,8 +156,9 @@ class Trainer:
         search = dataclasses.replace(search, cov=cov, log_evidence=log_evidence)
         self.update_population(search, variance, update_weights=True, n_iter=50)
         sd = math.sqrt(variance)
-        search = search_modes(m, data, sd, start=modes_as_start(search.mean.to(data.signal.dtype)), grid=False,
-                              dtype=data.signal.dtype, tolerance=1e-2, max_iter=4)
+        start = modes_as_start(search.mean[rows.to(search.mean.device)].to(data.signal.dtype))
+        search = self._gather(rows, search_modes(m, mine, sd, start=start, grid=False, dtype=data.signal.dtype,
+                                                 tolerance=1e-2, max_iter=4))
         variance = pooled_residual_variance(search.sse[:n_tr], search.n_obs[:n_tr]) or variance
         weights = self.update_population(search, sd ** 2, update_weights=True, n_iter=20)
         noise = math.sqrt(max(variance - NOISE_FLOOR ** 2, 1e-8))
@@ -135,7 +179,10 @@ class Trainer:
                    leave=False)
         for _ in bar:
             idx = torch.randint(n_tr, (min(c.batch_size, n_tr),), generator=self.generator).to(self.device)
-            self.distill_step(idx, RefinedPosterior(refined.loc[idx], refined.cov[idx]))
+            share = 1.0
+            if self.world > 1:
+                share, idx = len(ddp.shard(idx)[0]) / len(idx), ddp.shard(idx)[0]
+            self.distill_step(idx, RefinedPosterior(refined.loc[idx], refined.cov[idx]), share)
         bar.close()
 
     def update_population(self, fit: LaplaceFit, variance: float, weights: torch.Tensor | None = None,
@@ -165,6 +212,21 @@ class Trainer:
                     m.weights_log_concentration))
         return weights
 
+    def _gather(self, rows: torch.Tensor, fit: LaplaceFit) -> LaplaceFit:
+        """Distributed: every rank's per-subject ``fit`` of its ``rows``, joined in subject order (the
+        same on every rank); single-process: ``fit`` itself."""
+        if self.world == 1:
+            return fit
+        parts = ddp.all_gather_objects((rows, fit))
+        order = torch.cat([r for r, _ in parts]).argsort()
+        joined = {}
+        for f in dataclasses.fields(fit):
+            value = getattr(fit, f.name)
+            if isinstance(value, torch.Tensor) and f.name != "has_rate":
+                value = torch.cat([getattr(p, f.name) for _, p in parts])[order]
+            joined[f.name] = value.to(self.device) if isinstance(value, torch.Tensor) else value
+        return dataclasses.replace(fit, **joined)
+
     def _all(self) -> CohortTensors:
         t, v = self.train_data, self.val_data
         return CohortTensors(t.subjects + v.subjects, torch.cat([t.signal, v.signal]), torch.cat([t.times, v.times]),
@@ -179,29 +241,37 @@ class Trainer:
         variance = noise_sd(self.module) ** 2  # the refinements' noise: the globals change within the epoch
         for step, start in enumerate(range(0, self.n_train, c.batch_size)):
             idx = perm[start:start + c.batch_size].to(self.device)
+            batch, positions = len(idx), None
+            if self.world > 1:  # this rank's shard of the global minibatch
+                idx, positions = ddp.shard(idx)
             refined = None
-            if semi:
+            if semi and len(idx):
                 refined, fit = refine(self.module, d.subset(idx.cpu()).to(self.device), self.train_modes[idx],
                                       n_iter=c.refine_iterations)
                 self.train_modes[idx] = refined.loc.detach()
-                fits.append((idx, fit))
-            loss = self.wake_step(idx, refined)
+                fits.append((idx, fit, refined.loc.detach()))
+            loss = self.wake_step(idx, refined, positions, batch) if self.world > 1 else self.wake_step(idx, refined)
             steps += 1
             if math.isfinite(loss):
                 losses.append(loss / self.n_train)
             else:
                 skipped += 1
             if semi:
-                self.distill_step(idx, refined)
+                self.distill_step(idx, refined, len(idx) / batch)
             if c.sleep_every and step % c.sleep_every == 0:
                 self.sleep_step()
         record = {"epoch": epoch, "train_elbo": -float(np.mean(losses)) if losses else math.nan,
                   "skipped_steps": skipped, "steps": steps}
+        if semi and self.world > 1:  # every rank's refinements: the modes and fits of all training subjects
+            fits = [f for part in ddp.all_gather_objects(fits) for f in part]
+            fits = [(i.to(self.device), f, f_loc.to(self.device)) for i, f, f_loc in fits]
+            for i, _, f_loc in fits:
+                self.train_modes[i] = f_loc
         if semi and fits:  # the M-step of the population priors from this epoch's Laplace approximations
-            order = torch.cat([i for i, _ in fits]).argsort()
-            joined = LaplaceFit(*(torch.cat([getattr(f, name) for _, f in fits])[order] if name != "has_rate"
-                                  else fits[0][1].has_rate for name in ("mean", "cov", "log_evidence", "sse", "n_obs",
-                                                                       "has_rate", "jtj")))
+            order = torch.cat([i for i, _, _ in fits]).argsort()
+            joined = LaplaceFit(*(torch.cat([getattr(f, name) for _, f, _ in fits])[order].to(self.device)
+                                  if name != "has_rate" else fits[0][1].has_rate.to(self.device)
+                                  for name in ("mean", "cov", "log_evidence", "sse", "n_obs", "has_rate", "jtj")))
             if bool(torch.isfinite(joined.mean).all() & torch.isfinite(joined.log_evidence).all()):
                 self.update_population(joined, variance, update_weights=True)
                 self.last_fit = joined
@@ -210,7 +280,15 @@ class Trainer:
         data = self.val_data if self.val_data.n_subjects else d
         if semi:
             modes = self.val_modes if self.val_data.n_subjects else self.train_modes
-            refined, _ = refine(self.module, data, modes, n_iter=c.refine_iterations)
+            if self.world > 1:  # each rank refines its share of the subjects; gathered in order
+                rows = torch.arange(ddp.rank(), data.n_subjects, self.world)
+                part, _ = refine(self.module, data.subset(rows).to(self.device), modes[rows.to(modes.device)],
+                                 n_iter=c.refine_iterations)
+                parts = ddp.all_gather_objects((rows, part.loc, part.cov))
+                order = torch.cat([p[0] for p in parts]).argsort()
+                refined = RefinedPosterior(*(torch.cat([p[j] for p in parts])[order].to(self.device) for j in (1, 2)))
+            else:
+                refined, _ = refine(self.module, data, modes, n_iter=c.refine_iterations)
             if self.val_data.n_subjects:
                 self.val_modes = refined.loc.detach()
         else:
