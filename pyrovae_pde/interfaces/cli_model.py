@@ -68,24 +68,40 @@ def fit_model(ds, components, args, out: Path | None, source: str):
                         f"give at most {n_subjects}")
     batch_size = TrainConfig.batch_size if args.batch_size is None else args.batch_size
     model = SubtypeModel(components, priors=_priors(args.prior))
-    with locked_run_directory(out) if out is not None else contextlib.nullcontext():
+    distributed = getattr(args, "distributed", False)
+    lead = _rank_zero(distributed)  # distributed: rank 0 alone locks and writes the run directory
+    with locked_run_directory(out) if out is not None and lead else contextlib.nullcontext():
         model.fit(ds, epochs=args.epochs, batch_size=batch_size, learning_rate=args.lr, seed=args.seed,
                   device=args.device, checkpoint_dir=out, resume=getattr(args, "resume", False), source=source,
-                  restarts=args.restarts, progress=show_progress(),
+                  restarts=args.restarts, progress=show_progress() and lead,
                   learn_population=getattr(args, "population_prior", "tied") in ("learned", "tied"),
-                  tie_population=getattr(args, "population_prior", "tied") == "tied")
-        if out is not None:
+                  tie_population=getattr(args, "population_prior", "tied") == "tied",
+                  **({"distributed": True} if distributed else {}))
+        if out is not None and lead:
             model.save(out)
     return model
 
 
+def _rank_zero(distributed: bool) -> bool:
+    """Whether this process writes (not distributed, or torchrun's rank 0)."""
+    import os
+
+    return not distributed or os.environ.get("RANK", "0") == "0"
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
+    import os
+
     from ..data import load_dataset
 
     ds = load_dataset(args.data)
     out = Path(args.out)
     start = time.perf_counter()
+    if args.distributed and args.device == "cuda":  # one GPU per rank: torchrun's local rank
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     model = fit_model(ds, comma_list(args.components), args, out, str(args.data))
+    if not _rank_zero(args.distributed):
+        return 0
     hist = model.history_
     print(f"fitted {','.join(model.components)} on {ds.sizes['subject']} subjects in "
           f"{time.perf_counter() - start:.0f} s: {hist.epoch} epochs, best held-out epoch {hist.best_epoch}, "
@@ -156,33 +172,53 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_weights(text: str) -> tuple[float, ...]:
+    """``--weights`` of the demo: three nonnegative shares, one per mechanism (normalised)."""
+    try:
+        weights = tuple(float(v) for v in comma_list(text))
+    except ValueError:
+        raise UserError(f"--weights {text!r}: give three comma-separated numbers, e.g. 0.5,0.3,0.2") from None
+    if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+        raise UserError(f"--weights {text!r}: give three nonnegative numbers, one per mechanism, not all zero")
+    return tuple(w / sum(weights) for w in weights)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..data import save_dataset, simulate
     from ..data.contract import atomic_write
     from ..inference.evaluation import format_metrics, recovery_metrics
+    from .cli_report import cmd_report
     from .plots import plot_recovery, plot_training
 
     out = Path(args.out)
     components = ("fisher_kpp", "saturating", "zeldovich")
-    print(f"1/4 simulating paper-grid cohorts: {args.subjects} training subjects (seed {args.seed}) and "
-          f"{args.test_subjects} new subjects (seed {args.seed + 1}), noise sd {args.noise_sd}")
-    train_ds = simulate("paper-grid", args.subjects, seed=args.seed, noise_sd=args.noise_sd)
-    test_ds = simulate("paper-grid", args.test_subjects, seed=args.seed + 1, noise_sd=args.noise_sd)
+    weights = _demo_weights(args.weights)
+    shares = ", ".join(f"{c} {w:.0%}" for c, w in zip(components, weights))
+    print(f"1/5 simulating paper-grid cohorts: {args.subjects} training subjects (seed {args.seed}) and "
+          f"{args.test_subjects} new subjects (seed {args.seed + 1}); subtypes {shares}; observation noise "
+          f"sd {args.noise_sd}")
+    cohort = dict(noise_sd=args.noise_sd, weights=weights)
+    train_ds = simulate("paper-grid", args.subjects, seed=args.seed, **cohort)
+    test_ds = simulate("paper-grid", args.test_subjects, seed=args.seed + 1, **cohort)
     save_dataset(train_ds, out / "train.nc")
     save_dataset(test_ds, out / "test.nc")
-    print(f"2/4 fitting a {len(components)}-component mixture ({', '.join(components)})")
+    print(f"2/5 fitting a {len(components)}-component mixture ({', '.join(components)})")
     start = time.perf_counter()
     model = fit_model(train_ds, components, args, out / "run", "train.nc")
     print(f"    done in {time.perf_counter() - start:.0f} s ({model.history_.epoch} epochs)")
-    print("3/4 predicting subtypes and parameters of the new subjects")
+    print("3/5 predicting subtypes and parameters of the new subjects")
     post = model.posterior(test_ds, device=args.device)
     atomic_write(out / "posterior_test.nc", lambda tmp: post.to_netcdf(tmp, engine="h5netcdf"))
     metrics = recovery_metrics(post, test_ds)
     print("    new subjects, scored against the simulation's truth:\n" + format_metrics(metrics))
-    print("4/4 writing plots")
+    print("4/5 writing plots")
     for path in (plot_training(model.history_.history, out / "training.png"),
                  plot_recovery(post, test_ds, out / "recovery.png")):
         print(f"    {path}")
+    print("5/5 writing the report of the new subjects (as 'pyrovae-pde report')")
+    cmd_report(argparse.Namespace(run_dir=str(out / "run"), data=str(out / "test.nc"), out=str(out / "report"),
+                                  comparison=None, subjects=None, draws=args.report_draws, particles=16,
+                                  seed=args.seed))
     print(f"subtype accuracy on new subjects: {metrics['accuracy']:.3f}")
     return 0
 
@@ -194,6 +230,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma list of reaction terms, e.g. fisher_kpp,saturating,zeldovich (one = single PDE)")
     p.add_argument("--out", required=True, help="run directory (model, checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the ranks of 'torchrun --nproc_per_node=P -m pyrovae_pde fit ... "
+                        "--distributed' (gloo on CPU, nccl on CUDA: one GPU per rank); --batch-size is the global "
+                        "batch, split over the ranks; rank 0 writes the run directory")
     add_training_arguments(p)
     p.set_defaults(handler=cmd_fit)
 
@@ -215,6 +255,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo_output", help="output directory")
     p.add_argument("--subjects", type=at_least(1), default=300, help="training subjects")
     p.add_argument("--test-subjects", type=at_least(1), default=200, help="new subjects to score")
-    p.add_argument("--noise-sd", type=float, default=0.0)
+    p.add_argument("--noise-sd", type=float, default=0.05,
+                   help="sd of the Gaussian observation noise added to every scan (default 0.05; signal in [0, 1])")
+    p.add_argument("--weights", default="0.5,0.3,0.2",
+                   help="shares of the subtypes fisher_kpp,saturating,zeldovich in both cohorts (default 0.5,0.3,0.2)")
+    p.add_argument("--report-draws", type=at_least(0), default=20,
+                   help="posterior draws of the report's fitted fields (default 20; 0: observed fields only)")
     add_training_arguments(p)
     p.set_defaults(handler=cmd_demo)
