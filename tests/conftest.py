@@ -53,3 +53,33 @@ def graph_training():
         return MixturePDE(domain, ("diffusion", "fisher_kpp"), ds.sizes["visit"], time_scale=5.0)
 
     return cohort_tensors(ds, domain), fresh
+
+
+def tiny_grid_problem():
+    """A 6x6 disc-like grid (corners cut), 2 subjects x 3 components with D, r and u0 requiring
+    grad, irregular times, and a fixed weighting of the output: (domain, u0, d, r, times, weight)."""
+    import numpy as np
+
+    from pyrovae_pde.physics import GridDomain
+
+    f64 = torch.float64
+    yy, xx = np.mgrid[0:6, 0:6]
+    mask = (np.hypot(yy - 2.5, xx - 2.5) < 3.2).astype(np.int8)
+    rng = np.random.default_rng(0)
+    u0 = torch.tensor(rng.uniform(0, 1, (2, 6, 6)) * mask, requires_grad=True)
+    # Rates chosen away from the spectral step-count switch points (ceil(dt * max r / step)).
+    d = torch.tensor([[0.3, 0.7, 0.2], [0.9, 0.15, 0.5]], dtype=f64, requires_grad=True)
+    r = torch.tensor([[0.43, 0.81, 0.62], [0.27, 0.55, 0.71]], dtype=f64, requires_grad=True)
+    times = torch.tensor([[0.0, 0.5, 1.2], [0.5, 0.9, 1.3]], dtype=f64)
+    weight = torch.tensor(rng.normal(size=(6, 6)))
+    return GridDomain(mask), u0, d, r, times, weight
+
+
+def graph_mixture_module(domain, ds):
+    """A diffusion + fisher_kpp MixturePDE on ``domain`` with the graph benchmark's ranges as priors (seed 0)."""
+    from pyrovae_pde.model.module import MixturePDE
+    from pyrovae_pde.model.priors import LogNormalPrior, Priors
+
+    torch.manual_seed(0)
+    return MixturePDE(domain, ("diffusion", "fisher_kpp"), ds.sizes["visit"],
+                      Priors(LogNormalPrior(0.05, 1.0), LogNormalPrior(0.1, 1.0)), time_scale=5.0)

@@ -9,11 +9,10 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import graph_mixture_module
 
 from pyrovae_pde.data import cohort_tensors, domain_from_dataset, simulate
 from pyrovae_pde.inference.train import TrainConfig, train
-from pyrovae_pde.model.module import MixturePDE
-from pyrovae_pde.model.priors import LogNormalPrior, Priors
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
@@ -35,10 +34,6 @@ def _problem():
     return ds, domain, cohort_tensors(ds, domain)
 
 
-def _module(domain, ds):
-    torch.manual_seed(0)
-    return MixturePDE(domain, ("diffusion", "fisher_kpp"), ds.sizes["visit"],
-                      Priors(LogNormalPrior(0.05, 1.0), LogNormalPrior(0.1, 1.0)), time_scale=5.0)
 
 
 def _free_port() -> int:
@@ -67,7 +62,7 @@ def _fit(rank: int, world: int, port: int, out: str, options: dict, checkpoint_d
 
         Trainer.epoch = dying
     ds, domain, data = _problem()
-    module = _module(domain, ds)
+    module = graph_mixture_module(domain, ds)
     config = TrainConfig(distributed=distributed, distributed_timeout=30, **options)
     try:
         state = train(module, data, config, checkpoint_dir=checkpoint_dir, resume=resume)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import tiny_grid_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.integrate import solve_ivp
@@ -274,17 +275,6 @@ def test_random_unit_interval_fields_stay_in_unit_interval(seed, kind, reaction,
 
 
 # --------------------------------------------------------------------------- gradients
-def _tiny_problem():
-    yy, xx = np.mgrid[0:6, 0:6]
-    mask = (np.hypot(yy - 2.5, xx - 2.5) < 3.2).astype(np.int8)  # 6x6 with the corners cut
-    rng = np.random.default_rng(0)
-    u0 = torch.tensor(rng.uniform(0, 1, (2, 6, 6)) * mask, requires_grad=True)
-    # Rates chosen away from the spectral step-count switch points (ceil(dt * max r / step)).
-    d = torch.tensor([[0.3, 0.7, 0.2], [0.9, 0.15, 0.5]], dtype=F64, requires_grad=True)
-    r = torch.tensor([[0.43, 0.81, 0.62], [0.27, 0.55, 0.71]], dtype=F64, requires_grad=True)
-    times = torch.tensor([[0.0, 0.5, 1.2], [0.5, 0.9, 1.3]], dtype=F64)
-    weight = torch.tensor(rng.normal(size=(6, 6)))
-    return GridDomain(mask), u0, d, r, times, weight
 
 
 @pytest.mark.parametrize("options,fast", [
@@ -293,7 +283,7 @@ def _tiny_problem():
     (dict(method="dopri5", rtol=1e-10, atol=1e-12, adjoint=True), True),
 ])
 def test_gradients_match_finite_differences(options, fast):
-    domain, u0, d, r, times, weight = _tiny_problem()
+    domain, u0, d, r, times, weight = tiny_grid_problem()
 
     def fn(u0_, d_, r_):
         out = solve(domain, u0_, times, d_, r_, reactions=("fisher_kpp", "saturating", "zeldovich"), **options)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import tiny_grid_problem
 from scipy.integrate import solve_ivp
 from scipy.sparse.linalg import expm_multiply
 
@@ -187,20 +188,10 @@ def test_paper_grid_float32_chebyshev_is_close_to_float64():
     assert float((out32.double() - out64).abs().max()) <= 1e-4
 
 
-def _tiny_problem():
-    yy, xx = np.mgrid[0:6, 0:6]
-    mask = (np.hypot(yy - 2.5, xx - 2.5) < 3.2).astype(np.int8)
-    rng = np.random.default_rng(0)
-    u0 = torch.tensor(rng.uniform(0, 1, (2, 6, 6)) * mask, requires_grad=True)
-    d = torch.tensor([[0.3, 0.7, 0.2], [0.9, 0.15, 0.5]], dtype=F64, requires_grad=True)
-    r = torch.tensor([[0.43, 0.81, 0.62], [0.27, 0.55, 0.71]], dtype=F64, requires_grad=True)
-    times = torch.tensor([[0.0, 0.5, 1.2], [0.5, 0.9, 1.3]], dtype=F64)
-    weight = torch.tensor(rng.normal(size=(6, 6)))
-    return GridDomain(mask), u0, d, r, times, weight
 
 
 def test_chebyshev_gradients_match_finite_differences():
-    domain, u0, d, r, times, weight = _tiny_problem()
+    domain, u0, d, r, times, weight = tiny_grid_problem()
 
     def fn(u0_, d_, r_):
         out = solve(domain, u0_, times, d_, r_, reactions=("fisher_kpp", "saturating", "zeldovich"),

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import graph_mixture_module
 
 from pyrovae_pde.data import cohort_tensors, domain_from_dataset, save_dataset, simulate
 from pyrovae_pde.inference.objective import evaluate_elbo, refine
@@ -17,7 +18,6 @@ from pyrovae_pde.inference.search import search_modes
 from pyrovae_pde.inference.train import TrainConfig, train
 from pyrovae_pde.interfaces.api import SubtypeModel
 from pyrovae_pde.interfaces.cli import main
-from pyrovae_pde.model.module import MixturePDE
 from pyrovae_pde.model.priors import LogNormalPrior, Priors
 
 GRAPH_PRIORS = {"diffusivity": (0.05, 1.0), "reaction": (0.1, 1.0)}
@@ -60,10 +60,6 @@ def small_graph():
     return ds, domain, cohort_tensors(ds, domain)
 
 
-def _module(domain, ds):
-    torch.manual_seed(0)
-    return MixturePDE(domain, ("diffusion", "fisher_kpp"), ds.sizes["visit"],
-                      Priors(LogNormalPrior(0.05, 1.0), LogNormalPrior(0.1, 1.0)), time_scale=5.0)
 
 
 def test_a_poisoned_batch_is_skipped_and_training_recovers(small_graph, tmp_path, monkeypatch):
@@ -73,7 +69,7 @@ def test_a_poisoned_batch_is_skipped_and_training_recovers(small_graph, tmp_path
     from pyrovae_pde.inference.trainer import Trainer
 
     ds, domain, data = small_graph
-    module = _module(domain, ds)
+    module = graph_mixture_module(domain, ds)
     original = Trainer.wake_step
     calls = {"n": 0}
 
@@ -129,7 +125,7 @@ def test_reweighted_laplace_matches_a_new_search(small_graph):
     """The closed-form Laplace approximation under another population prior agrees with searching
     again under that prior, for every (subject, component) that is well fitted."""
     ds, domain, data = small_graph
-    module = _module(domain, ds).double()
+    module = graph_mixture_module(domain, ds).double()
     data = data.to("cpu", torch.float64)
     fit = search_modes(module, data, 0.02, tolerance=1e-4)
     old = Population(module.population_loc.clone(), module.population_scale.clone())
