@@ -13,6 +13,7 @@ atomically. ``pyrovae-pde report RUN_DIR DATA.nc --out DIR`` writes them all wit
     plots.comparison(compare(...).table)            # log evidence differences, 2-SE bars
     plots.ppc(model.check(ds))                      # replicated vs observed statistics
     plots.forecast_bands(model.forecast(ds, [10, 12]), observed=ds)
+    plots.sbc_ranks(simulation_based_calibration(model, ds))  # calibration: rank histograms
     plots.save_figure(fig, "figure.png")
 """
 from .interfaces.plots import (  # noqa: F401
@@ -24,9 +25,11 @@ from .interfaces.plots import (  # noqa: F401
     plot_training,
     ppc,
     save_figure,
+    sbc_ranks,
     subtype_probabilities,
 )
 from .interfaces.plots_fields import centroids_of, fields, forecast_bands  # noqa: F401
 
 __all__ = ["centroids_of", "comparison", "elbo_trace", "fields", "forecast_bands", "parameters", "plot_comparison",
-           "plot_recovery", "plot_training", "ppc", "save_figure", "subtype_probabilities"]
+           "plot_recovery", "plot_training", "ppc", "save_figure", "sbc_ranks",
+           "subtype_probabilities"]

@@ -74,6 +74,39 @@ def weighted_summary(values: torch.Tensor, log_weights: torch.Tensor) -> dict[st
             (("", mean), ("_sd", sd), ("_q05", quantile(0.05)), ("_q95", quantile(0.95)))}
 
 
+@dataclasses.dataclass
+class RefinedFit:
+    """The refined path's per-(subject, component) posteriors: the Laplace ``fit`` at the pooled
+    least-squares noise, started from the encoder's ``guide``; with importance sampling, the
+    particles ``stats`` and their log weights ``log_w`` (P, N, K); ``log_evidence`` (N, K) from
+    whichever of the two was used."""
+
+    fit: object
+    guide: object
+    log_evidence: torch.Tensor
+    stats: object | None = None
+    log_w: torch.Tensor | None = None
+
+
+def refined_fit(module: MixturePDE, data: CohortTensors, noise: torch.Tensor, n_particles: int, seed: int = 0,
+                n_iter: int = 3) -> RefinedFit:
+    """Laplace approximations of every (subject, component) posterior refined from the encoder's
+    guess (``n_iter`` Levenberg-Marquardt steps, two-level solves) and, with ``n_particles`` > 0,
+    importance sampling from them (covariance inflated 2x); see ``posterior_dataset``."""
+    guide = encode_cohort(module, data.to(data.signal.device, next(module.parameters()).dtype))
+    fit = laplace_fit(module, data, float(particles.observation_sd(noise)), n_iter=n_iter,
+                      hessian_noise_sd="least_squares", two_level=True, start=guide)
+    if not n_particles:
+        return RefinedFit(fit, guide, fit.log_evidence.cpu())
+    proposal = dataclasses.replace(particles.guide_proposal(module, data, guide),
+                                   mean=fit.mean.to(particles.DTYPE), cov=fit.cov.to(particles.DTYPE) * 2.0)
+    stats = particles.particle_stats(module, data, n_particles=n_particles, seed=seed, proposal=proposal)
+    # at the noise scale of the Laplace step: log_weights adds the model's noise floor itself
+    variance = pooled_residual_variance(fit.sse, fit.n_obs)
+    log_w = stats.log_weights(0.0 if variance is None else variance ** 0.5).cpu()  # (P, N, K)
+    return RefinedFit(fit, guide, torch.logsumexp(log_w, dim=0) - np.log(n_particles), stats, log_w)
+
+
 def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int | None = None, seed: int = 0,
                       refine: bool = True, n_iter: int = 3) -> xr.Dataset:
     """The posterior contract (see ``data_schemas/posterior-v1.schema.json``) for ``data``'s subjects.
@@ -101,25 +134,17 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
         raise InputError(f"n_particles must be >= {0 if refine else 1}, got {n_particles}")
     weights, noise = (t.cpu() for t in global_means(module))  # the per-subject work may run on CUDA
     summaries = None
-    guide = encode_cohort(module, data.to(data.signal.device, next(module.parameters()).dtype))
     if refine:
-        fit = laplace_fit(module, data, float(particles.observation_sd(noise)), n_iter=n_iter,
-                          hessian_noise_sd="least_squares", two_level=True, start=guide)
-        log_evidence = fit.log_evidence.cpu()
+        refined = refined_fit(module, data, noise, n_particles, seed=seed, n_iter=n_iter)
+        fit, log_evidence = refined.fit, refined.log_evidence
         summary = GuideSummary(fit.mean[..., 0], torch.sqrt(fit.cov[..., 0, 0]),
                                torch.where(fit.has_rate, fit.mean[..., 1], torch.nan),
                                torch.where(fit.has_rate, torch.sqrt(fit.cov[..., 1, 1]), torch.nan))
-        if n_particles:
-            proposal = dataclasses.replace(particles.guide_proposal(module, data, guide),
-                                           mean=fit.mean.to(particles.DTYPE), cov=fit.cov.to(particles.DTYPE) * 2.0)
-            stats = particles.particle_stats(module, data, n_particles=n_particles, seed=seed, proposal=proposal)
-            # at the noise scale of the Laplace step: log_weights adds the model's noise floor itself
-            variance = pooled_residual_variance(fit.sse, fit.n_obs)
-            log_w = stats.log_weights(0.0 if variance is None else variance ** 0.5)  # (P, N, K)
-            log_evidence = torch.logsumexp(log_w, dim=0) - np.log(n_particles)
-            summaries = {"diffusivity": weighted_summary(stats.diffusivity, log_w),
-                         "reaction": weighted_summary(stats.reaction, log_w)}
+        if refined.stats is not None:
+            summaries = {"diffusivity": weighted_summary(refined.stats.diffusivity, refined.log_w),
+                         "reaction": weighted_summary(refined.stats.reaction, refined.log_w)}
     else:
+        guide = encode_cohort(module, data.to(data.signal.device, next(module.parameters()).dtype))
         stats = particles.particle_stats(module, data, n_particles=n_particles, seed=seed,
                                         proposal=particles.guide_proposal(module, data, guide))
         log_evidence = component_log_evidence(stats, noise.double().reshape(1))[0]

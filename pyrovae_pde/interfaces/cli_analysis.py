@@ -1,4 +1,4 @@
-"""Subcommands for model criticism: ``compare``, ``ppc``, ``forecast`` and ``export-arviz``."""
+"""Subcommands for model criticism: ``compare``, ``ppc``, ``forecast``, ``export-arviz`` and ``sbc``."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,23 @@ from ..errors import ExistingPathError, UserError
 from .cli import at_least, comma_list
 from .cli_model import add_run_arguments, add_training_arguments, fit_model, warn_if_unconverged
 
+
+def _run_and_data(args: argparse.Namespace):
+    """The fitted run ``args.run_dir`` (warning if it did not converge) and the cohort ``args.data``."""
+    from ..data import load_dataset
+    from .api import SubtypeModel
+
+    model = SubtypeModel.load(args.run_dir)
+    warn_if_unconverged(model, args.run_dir)
+    return model, load_dataset(args.data)
+
+
+def _output_directory(path: str) -> Path:
+    """``--out`` as a directory path; an existing file there is refused."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ExistingPathError(f"--out {out} is a file; give a directory")
+    return out
 
 def _run_name(components) -> str:
     return ",".join(components)
@@ -65,9 +82,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UserError("give models to fit (--models fisher_kpp diffusion fisher_kpp,diffusion, or --mechanisms "
                         "diffusion,fisher_kpp,zeldovich --max-components 2) or fitted runs (--runs RUN_DIR ...)")
     ds = load_dataset(args.data)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ExistingPathError(f"--out {out} is a file; give a directory")
+    out = _output_directory(args.out)
     runs: dict[str, list[SubtypeModel]] = {}
     source = str(args.data)
     for run in args.runs or []:  # runs with the same mechanisms are repeats of one model
@@ -116,19 +131,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_ppc(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
     from ..data.contract import atomic_write
     from ..inference.ppc import plot_ppc_figures
-    from .api import SubtypeModel
 
     if not args.threshold > 0:
         raise UserError(f"--threshold must be > 0, got {args.threshold}")
-    model = SubtypeModel.load(args.run_dir)
-    warn_if_unconverged(model, args.run_dir)
-    ds = load_dataset(args.data)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ExistingPathError(f"--out {out} is a file; give a directory")
+    model, ds = _run_and_data(args)
+    out = _output_directory(args.out)
     start = time.perf_counter()
     result = model.check(ds, n_draws=args.draws, n_particles=args.particles, seed=args.seed,
                          threshold=args.threshold, source=str(args.data))
@@ -155,14 +164,10 @@ def _parse_times(text: str) -> list[float]:
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
     from ..data.contract import atomic_write
-    from .api import SubtypeModel
 
     times = _parse_times(args.times)
-    model = SubtypeModel.load(args.run_dir)
-    warn_if_unconverged(model, args.run_dir)
-    ds = load_dataset(args.data)
+    model, ds = _run_and_data(args)
     subjects = comma_list(args.subjects) if args.subjects else None
     start = time.perf_counter()
     fc = model.forecast(ds, times, n_draws=args.draws, n_particles=args.particles, seed=args.seed,
@@ -175,13 +180,9 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
     from ..inference.arviz_export import save_inference_data
-    from .api import SubtypeModel
 
-    model = SubtypeModel.load(args.run_dir)
-    warn_if_unconverged(model, args.run_dir)
-    ds = load_dataset(args.data)
+    model, ds = _run_and_data(args)
     start = time.perf_counter()
     idata = model.to_inference_data(ds, n_draws=args.draws, n_particles=args.particles, seed=args.seed,
                                     predictive=not args.no_predictive, source=str(args.data))
@@ -190,6 +191,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     groups = idata.groups() if callable(idata.groups) else [g.strip("/") for g in idata.groups if g != "/"]
     print(f"wrote {args.out} (ArviZ groups: {', '.join(groups)}) in {time.perf_counter() - start:.1f} s; "
           f"log evidence {attrs['log_evidence']:.1f} +- {attrs['log_evidence_se']:.1f}")
+    return 0
+
+
+def cmd_sbc(args: argparse.Namespace) -> int:
+    from ..data.contract import atomic_write
+    from ..inference.sbc import format_pvalues, simulation_based_calibration
+    from .plots import save_figure, sbc_ranks
+
+    model, ds = _run_and_data(args)
+    out = _output_directory(args.out)
+    reference = model.tensors(ds, str(args.data))  # a run of another domain fails here
+    start = time.perf_counter()
+    result = simulation_based_calibration(model.module_, reference, n_simulations=args.simulations,
+                                          n_draws=args.draws, seed=args.seed, n_particles=args.particles)
+    result.attrs["model_components"] = ",".join(model.components)
+    result.attrs["reference"] = str(args.data)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "sbc.nc", lambda tmp: result.to_netcdf(tmp, engine="h5netcdf"))
+    save_figure(sbc_ranks(result), out / "sbc_ranks.png", close=True)
+    print(f"simulation-based calibration of {','.join(model.components)}: {args.simulations} simulated subjects, "
+          f"ranks among {args.draws} posterior draws ({result.attrs['posterior']}) in "
+          f"{time.perf_counter() - start:.1f} s:")
+    for line in format_pvalues(result):
+        print("  " + line)
+    print(f"wrote {out / 'sbc.nc'} and sbc_ranks.png")
     return 0
 
 
@@ -240,3 +266,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-predictive", action="store_true", help="leave out the posterior_predictive group")
     _evaluation_arguments(p, draws=100)
     p.set_defaults(handler=cmd_export)
+
+    p = subparsers.add_parser("sbc", help="simulation-based calibration of the per-subject posteriors of D and r")
+    add_run_arguments(p, "contract NetCDF file (its subjects lend the simulations first scans and visit times)",
+                      "output directory (sbc.nc, sbc_ranks.png)")
+    p.add_argument("--simulations", type=at_least(1), default=200, help="simulated subjects (default 200)")
+    p.add_argument("--draws", type=at_least(1), default=20,
+                   help="posterior draws each true value is ranked among (default 20)")
+    p.add_argument("--particles", type=at_least(0), default=None,
+                   help="importance samples per subject and subtype (default: as the posterior: 128 on graphs "
+                        "and small domains, else 0 = the Laplace approximation)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_sbc)

@@ -241,6 +241,59 @@ def ppc(result: PPCResult, axes: Axes | np.ndarray | None = None) -> Figure:
     return axes[0].figure
 
 
+def sbc_ranks(sbc: xr.Dataset, axes: Axes | np.ndarray | None = None) -> Figure:
+    """Simulation-based calibration: the histogram of the true values' ranks among the posterior
+    draws, one panel per (subtype, parameter) with ranks, the 99% band of each bin's count under
+    uniform ranks (binomial quantiles) shaded, the chi-square p-value in the title. U-shaped:
+    posteriors too narrow; humped: too wide; sloped: biased.
+
+    ``sbc``: ``inference.sbc.simulation_based_calibration`` (``rank``, ``true_subtype``, ``p_value``,
+    ``n_bins``, ``count``; attrs ``n_draws``)."""
+    from scipy.stats import binom
+
+    from ..inference.sbc import bin_ranks
+
+    n_draws = int(sbc.attrs["n_draws"])
+    panels = [(str(k), str(par)) for k in sbc["subtype"].values for par in sbc["parameter"].values
+              if int(sbc["count"].sel(subtype=k, parameter=par)) > 0]
+    if axes is None:
+        n_cols = len(sbc["parameter"])
+        n_rows = max(1, -(-len(panels) // n_cols))
+        fig, axes = plt.subplots(n_rows, n_cols, figsize=(4 * n_cols, 3 * n_rows), squeeze=False,
+                                 layout="constrained")
+        for ax in np.ravel(axes)[len(panels):]:
+            ax.set_visible(False)
+        axes = np.ravel(axes)[:max(1, len(panels))]
+    axes = np.ravel(axes)
+    if len(axes) != max(1, len(panels)):
+        raise InputError(f"sbc_ranks draws {len(panels)} panels; got {len(axes)} axes")
+    truth = sbc["true_subtype"].values.astype(str)
+    for ax, (k, par) in zip(axes, panels):
+        ranks = sbc["rank"].sel(parameter=par).values[truth == k]
+        ranks = ranks[~np.isnan(ranks)]
+        n_bins = int(sbc["n_bins"].sel(subtype=k, parameter=par)) or min(n_draws + 1, 10)
+        counts, expected = bin_ranks(ranks, n_draws, n_bins)
+        which = (np.arange(n_draws + 1) * n_bins) // (n_draws + 1)
+        left = np.array([np.flatnonzero(which == b)[0] for b in range(n_bins)], dtype=float) - 0.5
+        right = np.append(left[1:], n_draws + 0.5)
+        width = right - left  # bins of unequal width (L + 1 not a multiple of the bins): counts per rank value
+        share = expected / max(len(ranks), 1)
+        lo, hi = binom.ppf(0.005, len(ranks), share) / width, binom.ppf(0.995, len(ranks), share) / width
+        edges = np.stack([left, right], 1).ravel()
+        ax.fill_between(edges, np.repeat(lo, 2), np.repeat(hi, 2), color="0.85", label="99% band (uniform)")
+        ax.bar(left, counts / width, width=width, align="edge", color="C0", alpha=0.7, edgecolor="white",
+               label="ranks")
+        ax.axhline(len(ranks) / (n_draws + 1), color="0.4", lw=1)
+        p = float(sbc["p_value"].sel(subtype=k, parameter=par))
+        ax.set_title(f"{k}: {par} (p = {p:.3g})" if np.isfinite(p) else f"{k}: {par} (too few ranks)", fontsize=9)
+        ax.set_xlim(-0.5, n_draws + 0.5)
+        ax.set_xlabel(f"rank among {n_draws} posterior draws")
+        ax.set_ylabel("simulations per rank value")
+    if panels:
+        axes[0].legend(fontsize=7)
+    return axes[0].figure
+
+
 # ------------------------------------------------------------------------------------- file writers
 def plot_training(history: list[dict], path: str | os.PathLike) -> Path:
     """ELBO per subject against epoch, training and held-out (``elbo_trace``), written to ``path``."""
