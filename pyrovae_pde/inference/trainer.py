@@ -95,10 +95,8 @@ class Trainer:
         """``share``: distributed, this rank's part of the global batch (idx is its shard)."""
         d = self.train_data
         loss = None
-        if len(idx):
-            loss = self.module.distillation_loss(d.signal[idx], d.times[idx], d.observed[idx], refined) * share \
-                if self.world > 1 else self.module.distillation_loss(d.signal[idx], d.times[idx], d.observed[idx],
-                                                                     refined)
+        if len(idx):  # share 1.0 (single process) leaves the loss bit for bit as it is
+            loss = self.module.distillation_loss(d.signal[idx], d.times[idx], d.observed[idx], refined) * share
         return self._apply(loss, self.encoder_opt, list(self.module.encoder.parameters()))
 
     def wake_step(self, idx: torch.Tensor, refined: RefinedPosterior | None,
@@ -181,7 +179,8 @@ class Trainer:
             idx = torch.randint(n_tr, (min(c.batch_size, n_tr),), generator=self.generator).to(self.device)
             share = 1.0
             if self.world > 1:
-                share, idx = len(ddp.shard(idx)[0]) / len(idx), ddp.shard(idx)[0]
+                mine = ddp.shard(idx)[0]
+                share, idx = len(mine) / len(idx), mine
             self.distill_step(idx, RefinedPosterior(refined.loc[idx], refined.cov[idx]), share)
         bar.close()
 
@@ -217,15 +216,19 @@ class Trainer:
         same on every rank); single-process: ``fit`` itself."""
         if self.world == 1:
             return fit
-        parts = ddp.all_gather_objects((rows, fit))
+        return self._join_fits(ddp.all_gather_objects((rows, fit)))
+
+    def _join_fits(self, parts: list[tuple[torch.Tensor, LaplaceFit]]) -> LaplaceFit:
+        """One LaplaceFit of the (rows, fit) ``parts``, rows in ascending order, on this device."""
         order = torch.cat([r for r, _ in parts]).argsort()
+        first = parts[0][1]
         joined = {}
-        for f in dataclasses.fields(fit):
-            value = getattr(fit, f.name)
+        for f in dataclasses.fields(first):
+            value = getattr(first, f.name)
             if isinstance(value, torch.Tensor) and f.name != "has_rate":
                 value = torch.cat([getattr(p, f.name) for _, p in parts])[order]
             joined[f.name] = value.to(self.device) if isinstance(value, torch.Tensor) else value
-        return dataclasses.replace(fit, **joined)
+        return dataclasses.replace(first, **joined)
 
     def _all(self) -> CohortTensors:
         t, v = self.train_data, self.val_data
@@ -268,10 +271,7 @@ class Trainer:
             for i, _, f_loc in fits:
                 self.train_modes[i] = f_loc
         if semi and fits:  # the M-step of the population priors from this epoch's Laplace approximations
-            order = torch.cat([i for i, _, _ in fits]).argsort()
-            joined = LaplaceFit(*(torch.cat([getattr(f, name) for _, f, _ in fits])[order].to(self.device)
-                                  if name != "has_rate" else fits[0][1].has_rate.to(self.device)
-                                  for name in ("mean", "cov", "log_evidence", "sse", "n_obs", "has_rate", "jtj")))
+            joined = self._join_fits([(i, f) for i, f, _ in fits])
             if bool(torch.isfinite(joined.mean).all() & torch.isfinite(joined.log_evidence).all()):
                 self.update_population(joined, variance, update_weights=True)
                 self.last_fit = joined
