@@ -279,3 +279,40 @@ def test_chebyshev_on_cuda_matches_cpu():
         results[device] = (out.cpu(), grad.cpu())
     for a, b in zip(results["cpu"], results["cuda"]):
         assert float((a - b).abs().max()) <= 1e-9 * max(1.0, float(a.abs().max()))
+
+
+def _saved_bytes_per_subject(encoder, domain, n_visits: int, batch: int = 1) -> float:
+    """Bytes the encoder's forward keeps for backward, per subject (distinct saved tensors)."""
+    saved: dict = {}
+
+    def pack(x):
+        saved[(x.data_ptr(), tuple(x.shape))] = x.numel() * x.element_size()
+        return x
+
+    signal = torch.rand(batch, n_visits, domain.n_nodes)
+    times = torch.linspace(0.0, 4.0, n_visits).expand(batch, -1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = encoder(signal, times, torch.ones(batch, n_visits, dtype=torch.bool))
+    assert all(torch.isfinite(o).all() for o in out)
+    return sum(saved.values()) / batch
+
+
+def test_3d_encoder_at_2mm_keeps_no_wide_activation_at_full_resolution():
+    """At 2 mm (190,468 grey-matter voxels in a 95x117x99 box) the encoder's stored activations stay
+    below twice its input (the visit features); a first convolution of full width at full resolution
+    stores about 11 times the input (599 MB per subject with 3 visits)."""
+    from pyrovae_pde.data.simulate import mni_gm_mask
+    from pyrovae_pde.model.encoders import N_FEATURES, GridEncoder
+    from pyrovae_pde.physics import GridDomain
+
+    kwargs = dict(d_prior=(0.0, 1.0), r_prior=(0.0, 1.0), n_components=3, n_rate_components=3)
+    mask, spacing, _ = mni_gm_mask(2.0)
+    domain = GridDomain(mask.astype(bool), spacing=spacing)
+    encoder = GridEncoder(domain, 3, **kwargs)
+    input_bytes = (N_FEATURES * 3 + 1) * mask.size * 4
+    assert _saved_bytes_per_subject(encoder, domain, 3) < 2.0 * input_bytes
+    # The 6 mm grid (44,880 voxels in its box) keeps the architecture without a stem, so runs fitted
+    # before the stem existed load unchanged.
+    mask6, spacing6, _ = mni_gm_mask(6.0)
+    first = GridEncoder(GridDomain(mask6.astype(bool), spacing=spacing6), 3, **kwargs).body[0]
+    assert first.stride == (1, 1, 1) and first.out_channels == 32

@@ -71,7 +71,16 @@ class PosteriorHead(nn.Module):
 
 
 class GridEncoder(nn.Module):
-    """Conv net over a 2-D/3-D grid; visits enter as channels (3 per visit slot + the mask)."""
+    """Conv net over a 2-D/3-D grid; visits enter as channels (4 per visit slot + the mask).
+
+    Grids of more than ``STEM_MAX_VOXELS`` voxels (3-D PET at 2-4 mm) first go through a stem of
+    narrow stride-2 convolutions, so that no wide activation is stored at full resolution: the
+    memory per subject stays that of a ~40^3 grid (``tests/test_physics_large.py``). Smaller
+    grids (the paper grid, the 6 mm MNI grid) have no stem.
+    """
+
+    STEM_MAX_VOXELS = 2 ** 16
+    STEM_WIDTH = 16
 
     def __init__(self, domain: Domain, n_visits: int, head: PosteriorHead | None = None, width: int = 32,
                  time_scale: float = 1.0, **head_kwargs):
@@ -81,9 +90,15 @@ class GridEncoder(nn.Module):
         ndim = domain.ndim
         conv = nn.Conv2d if ndim == 2 else nn.Conv3d
         pool = nn.AdaptiveAvgPool2d if ndim == 2 else nn.AdaptiveAvgPool3d
-        layers: list[nn.Module] = [conv(N_FEATURES * n_visits + 1, width, 3, padding=1),
-                                   nn.GroupNorm(4, width), nn.SiLU()]
-        size, channels = min(domain.spatial_shape), width
+        shape = list(domain.spatial_shape)
+        channels = N_FEATURES * n_visits + 1
+        layers: list[nn.Module] = []
+        while math.prod(shape) > self.STEM_MAX_VOXELS:
+            layers += [conv(channels, self.STEM_WIDTH, 3, stride=2, padding=1), nn.GroupNorm(4, self.STEM_WIDTH),
+                       nn.SiLU()]
+            channels, shape = self.STEM_WIDTH, [(s + 1) // 2 for s in shape]
+        layers += [conv(channels, width, 3, padding=1), nn.GroupNorm(4, width), nn.SiLU()]
+        size, channels = min(shape), width
         while size > 8:
             out = min(2 * channels, 128)
             layers += [conv(channels, out, 3, stride=2, padding=1), nn.GroupNorm(4, out), nn.SiLU()]
