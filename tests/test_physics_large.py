@@ -300,7 +300,8 @@ def _saved_bytes_per_subject(encoder, domain, n_visits: int, batch: int = 1) -> 
 def test_3d_encoder_at_2mm_keeps_no_wide_activation_at_full_resolution():
     """At 2 mm (190,468 grey-matter voxels in a 95x117x99 box) the encoder's stored activations stay
     below twice its input (the visit features); a first convolution of full width at full resolution
-    stores about 11 times the input (599 MB per subject with 3 visits)."""
+    stores about 11 times the input (599 MB per subject with 3 visits).
+    The stem applies to grids of more than 2^14 voxels in their box."""
     from pyrovae_pde.data.simulate import mni_gm_mask
     from pyrovae_pde.model.encoders import N_FEATURES, GridEncoder
     from pyrovae_pde.physics import GridDomain
@@ -311,8 +312,10 @@ def test_3d_encoder_at_2mm_keeps_no_wide_activation_at_full_resolution():
     encoder = GridEncoder(domain, 3, **kwargs)
     input_bytes = (N_FEATURES * 3 + 1) * mask.size * 4
     assert _saved_bytes_per_subject(encoder, domain, 3) < 2.0 * input_bytes
-    # The 6 mm grid (44,880 voxels in its box) keeps the architecture without a stem, so runs fitted
-    # before the stem existed load unchanged.
+    # 6 mm (44,880 voxels in the box): one stem layer; without a stem (runs saved before it), the
+    # first convolution is full width at full resolution.
     mask6, spacing6, _ = mni_gm_mask(6.0)
-    first = GridEncoder(GridDomain(mask6.astype(bool), spacing=spacing6), 3, **kwargs).body[0]
-    assert first.stride == (1, 1, 1) and first.out_channels == 32
+    domain6 = GridDomain(mask6.astype(bool), spacing=spacing6)
+    assert GridEncoder(domain6, 3, **kwargs).body[0].stride == (2, 2, 2)
+    legacy = GridEncoder(domain6, 3, stem_max_voxels=None, **kwargs).body[0]
+    assert legacy.stride == (1, 1, 1) and legacy.out_channels == 32

@@ -45,6 +45,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -238,7 +239,9 @@ def _train_once(module: MixturePDE, data: CohortTensors, config: TrainConfig, ch
     bar = tqdm(range(state.epoch, config.epochs), desc=desc,
                unit="epoch", disable=not config.progress or ddp.rank() != 0, initial=state.epoch, total=config.epochs)
     for epoch in bar:
+        started = time.perf_counter()
         record = trainer.epoch(epoch)
+        record["seconds"] = time.perf_counter() - started  # wall time of the epoch, validation included
         state.skipped_steps += record["skipped_steps"]
         val_loss = -record["val_elbo"]
         se = record["val_elbo_se"] if math.isfinite(record["val_elbo_se"]) else 0.0

@@ -304,7 +304,8 @@ class SubtypeModel:
             "pyrovae_pde_version": __version__, "components": list(self.components),
             "priors": self.priors.as_dict(), "reaction_step": self.reaction_step,
             "initial_reaction_step": self.initial_reaction_step,
-            "encoder_width": self.encoder_width, "n_visits": module.n_visits, "time_scale": self.time_scale_,
+            "encoder_width": self.encoder_width, "encoder_stem_voxels": module.encoder_stem_voxels,
+            "n_visits": module.n_visits, "time_scale": self.time_scale_,
             "domain": domain_payload, "history": asdict(self.history_) if self.history_ else None,
             "convergence": self.history_.diagnostics() if self.history_ else None, "seed": self.seed_,
         }
@@ -355,7 +356,9 @@ class SubtypeModel:
         model.module_ = MixturePDE(model.domain_, model.components, config["n_visits"], model.priors,
                                    time_scale=model.time_scale_, reaction_step=model.reaction_step,
                                    encoder_width=model.encoder_width,
-                                   initial_reaction_step=model.initial_reaction_step)
+                                   initial_reaction_step=model.initial_reaction_step,
+                                   # absent: saved before the encoder had a stem
+                                   encoder_stem_voxels=config.get("encoder_stem_voxels"))
         model.module_.load_state_dict(tensors["state_dict"])
         if config.get("history"):
             model.history_ = TrainState(**config["history"])

@@ -64,11 +64,14 @@ class MixturePDE(nn.Module):
         priors: ``Priors``; ``time_scale``: typical follow-up length (encoder input scaling).
         reaction_step, initial_reaction_step: largest r*dt of a Strang step in the model's solves,
             after and within the first visit interval (see ``physics.solve_active``).
+        encoder_stem_voxels: grids larger than this enter the encoder through strided convolutions
+            (``GridEncoder``); None: no stem (runs saved before it existed).
     """
 
     def __init__(self, domain: Domain, components: Sequence[str], n_visits: int, priors: Priors = Priors(),
                  time_scale: float = 1.0, reaction_step: float = DEFAULT_REACTION_STEP,
-                 encoder_width: int = 16, initial_reaction_step: float = DEFAULT_INITIAL_REACTION_STEP):
+                 encoder_width: int = 16, initial_reaction_step: float = DEFAULT_INITIAL_REACTION_STEP,
+                 encoder_stem_voxels: int | None = GridEncoder.STEM_MAX_VOXELS):
         super().__init__()
         if len(components) == 0:
             raise InputError("a model needs at least one component")
@@ -83,9 +86,13 @@ class MixturePDE(nn.Module):
         self.reaction_step = reaction_step
         self.initial_reaction_step = initial_reaction_step
         self.time_scale, self.encoder_width = time_scale, encoder_width
-        encoder_cls = GridEncoder if domain.kind == "grid" else GraphEncoder
+        self.encoder_stem_voxels = encoder_stem_voxels
         # Build the body with an identity head to measure its feature size, then attach the real head.
-        probe = encoder_cls(domain, n_visits, head=nn.Identity(), width=encoder_width, time_scale=time_scale)
+        if domain.kind == "grid":
+            probe = GridEncoder(domain, n_visits, head=nn.Identity(), width=encoder_width, time_scale=time_scale,
+                                stem_max_voxels=encoder_stem_voxels)
+        else:
+            probe = GraphEncoder(domain, n_visits, head=nn.Identity(), width=encoder_width, time_scale=time_scale)
         n_features = probe(torch.zeros(1, n_visits, domain.n_nodes), torch.zeros(1, n_visits),
                            torch.ones(1, n_visits, dtype=torch.bool)).shape[-1]
         head = PosteriorHead(n_features, self.n_components, len(self.rate_index),
@@ -126,7 +133,8 @@ class MixturePDE(nn.Module):
         subset = list(subset)
         sub = MixturePDE(self.domain, [self.components[k] for k in subset], self.n_visits, self.priors,
                          time_scale=self.time_scale, reaction_step=self.reaction_step, encoder_width=self.encoder_width,
-                         initial_reaction_step=self.initial_reaction_step).to(self.noise_loc)
+                         initial_reaction_step=self.initial_reaction_step,
+                         encoder_stem_voxels=self.encoder_stem_voxels).to(self.noise_loc)
         with torch.no_grad():
             sub.population_loc.copy_(self.population_loc[subset])
             sub.population_scale.copy_(self.population_scale[subset])
