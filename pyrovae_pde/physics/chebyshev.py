@@ -93,13 +93,21 @@ class _Propagate(torch.autograd.Function):
         return grad_v, grad_t, None, None, None
 
 
+def _degree_groups(a: np.ndarray, ratio: float = 4.0) -> np.ndarray:
+    """Group label per column: columns whose a = t b / 2 lie within a factor ``ratio`` of each other
+    share a group (their degrees within a factor ~sqrt(ratio)); a <= 1 is one group."""
+    return np.floor(np.log(np.maximum(a, 1.0)) / math.log(ratio)).astype(np.int64)
+
+
 def chebyshev_propagator(domain: Domain, dtype: torch.dtype, device: torch.device | str,
                          tol: float = DEFAULT_EXPM_TOL) -> Callable[[torch.Tensor, torch.Tensor], Diffuse]:
     """A factory of diffusion steps: ``prepare(diffusivity (R, K), dt (R, 1, 1))`` returns
     ``diffuse(state (rows, K, n), rows) -> exp(-D dt L) state`` for the leading ``rows`` runs.
 
-    The coefficients of all R x K runs are computed once per call of ``prepare`` (one degree, the
-    largest any run needs); per-node error <= ``tol`` * max|state| per application.
+    The coefficients of all R x K runs are computed once per call of ``prepare``; per-node error
+    <= ``tol`` * max|state| per application. Runs are grouped by D dt (within a factor 4) and each
+    group gets the degree its largest D dt needs: in a batch drawn from a wide prior (a sleep phase,
+    a grid search), a few runs with large D dt would otherwise set the degree of all of them.
     """
     bound = domain.gershgorin_bound()
     operator = domain.scaled_laplacian(dtype, device)
@@ -109,9 +117,32 @@ def chebyshev_propagator(domain: Domain, dtype: torch.dtype, device: torch.devic
         time = diffusivity[..., None] * dt  # (R, K, 1), D * dt
         if bound <= 0.0:  # no edges: L = 0
             return lambda state, rows: state
-        a = (time.detach() * (0.5 * bound)).reshape(-1).cpu().double().numpy()
-        coeffs = torch.as_tensor(chebyshev_coefficients(a, tol / math.sqrt(n)), dtype=dtype, device=device)
         k = diffusivity.shape[1]
-        return lambda state, rows: _Propagate.apply(state, time[:rows], coeffs[:, : rows * k], operator, bound)
+        a = (time.detach() * (0.5 * bound)).reshape(-1).cpu().double().numpy()  # (R K,)
+        labels = _degree_groups(a)
+        groups = []  # (columns (M_g,) ascending, coefficients (m_g + 1, M_g)) per group
+        for label in np.unique(labels):
+            columns = np.flatnonzero(labels == label)
+            coeffs = torch.as_tensor(chebyshev_coefficients(a[columns], tol / math.sqrt(n)), dtype=dtype,
+                                     device=device)
+            groups.append((torch.as_tensor(columns, device=time.device), coeffs))
+        if len(groups) == 1:
+            coeffs = groups[0][1]
+            return lambda state, rows: _Propagate.apply(state, time[:rows], coeffs[:, : rows * k], operator, bound)
+        flat_time = time.reshape(-1, 1)  # (R K, 1)
+
+        def diffuse(state: torch.Tensor, rows: int) -> torch.Tensor:
+            flat = state.reshape(rows * k, n)
+            parts, order = [], []
+            for columns, coeffs in groups:
+                used = int(torch.searchsorted(columns, rows * k))  # the group's columns among the leading runs
+                if used:
+                    cols = columns[:used]
+                    parts.append(_Propagate.apply(flat[cols], flat_time[cols], coeffs[:, :used], operator, bound))
+                    order.append(cols)
+            out = torch.cat(parts)[torch.argsort(torch.cat(order))]
+            return out.reshape(state.shape)
+
+        return diffuse
 
     return prepare
