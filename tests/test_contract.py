@@ -277,3 +277,25 @@ def test_atomic_write_gives_the_file_the_mode_of_a_plain_open(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_lazily_read_cohort_checks_each_subjects_signal_when_it_reads_it(graph_ds, tmp_path):
+    """``load_dataset(path, lazy=True)`` leaves the signal on disk and unchecked; ``LazyCohort`` reads
+    and checks only the subjects asked for (the good ones pass, in the order asked), and a subject
+    whose signal breaks the contract raises the message the eager load gives."""
+    from pyrovae_pde.data import LazyCohort, cohort_tensors, domain_from_dataset
+
+    bad = _set(graph_ds.copy(deep=True), "signal", (3, 0, 5), np.nan)
+    path = _write(bad, tmp_path / "bad.nc")
+    with pytest.raises(ContractError) as eager:
+        load_dataset(path)
+    domain = domain_from_dataset(graph_ds)
+    cohort = LazyCohort(load_dataset(path, lazy=True), domain, source=str(path))
+    assert cohort.n_subjects == 5 and cohort.read_subjects == 0 and cohort.times.shape == (5, 5)
+    part = cohort.subset([4, 0, 4])
+    whole = cohort_tensors(graph_ds, domain)
+    assert part.subjects == [whole.subjects[i] for i in (4, 0, 4)] and cohort.read_subjects == 2
+    assert np.array_equal(part.signal.numpy(), whole.signal[[4, 0, 4]].numpy())
+    with pytest.raises(ContractError) as lazy:
+        cohort.subset([1, 3])
+    assert str(lazy.value) == str(eager.value) and "subject 'sub-0003'" in str(lazy.value)

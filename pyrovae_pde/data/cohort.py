@@ -10,7 +10,7 @@ import xarray as xr
 
 from ..errors import ContractError
 from ..physics import Domain, GraphDomain, GridDomain
-from .contract import grid_spacing
+from .contract import IN_MEMORY, check_signal, grid_spacing
 
 
 def domain_from_dataset(ds: xr.Dataset) -> Domain:
@@ -51,13 +51,61 @@ class CohortTensors:
 
 def cohort_tensors(ds: xr.Dataset, domain: Domain, dtype: torch.dtype = torch.float32) -> CohortTensors:
     """Gather a contract dataset's signal onto the domain's active nodes."""
-    signal = torch.as_tensor(np.asarray(ds["signal"].values, dtype=float))
+    return _on_domain(ds["signal"].values, ds["time"].values, [str(s) for s in ds["subject"].values], domain, dtype)
+
+
+def _on_domain(values: np.ndarray, time: np.ndarray, subjects: list[str], domain: Domain,
+               dtype: torch.dtype) -> CohortTensors:
+    """Signal values (n, T, *space) and times (n, T) of ``subjects`` as tensors on the domain's active nodes."""
+    signal = torch.as_tensor(np.asarray(values, dtype=float))
     n, t = signal.shape[:2]
     active = domain.gather(signal.reshape(n * t, *domain.spatial_shape)).reshape(n, t, domain.n_nodes)
-    times = torch.as_tensor(np.asarray(ds["time"].values, dtype=float))
+    times = torch.as_tensor(np.asarray(time, dtype=float))
     observed = ~torch.isnan(times)
     active = torch.nan_to_num(active, nan=0.0)
-    return CohortTensors([str(s) for s in ds["subject"].values], active.to(dtype), times.to(dtype), observed)
+    return CohortTensors(subjects, active.to(dtype), times.to(dtype), observed)
+
+
+class LazyCohort:
+    """A contract dataset whose signal is read only for the subjects asked for: opened by
+    ``load_dataset(path, lazy=True)`` (and validated but for the signal's values), the signal stays
+    on disk and each rank of a distributed fit or predict reads its own subjects.
+
+    subjects (N,), times (N, T), observed (N, T): every subject's, in memory (T padded to
+    ``n_visits`` if given). ``subset(index)`` reads the signal of the subjects ``index``, checks it
+    against the contract (``contract.check_signal``) and returns their ``CohortTensors``
+    (signal (n, T, n_nodes)); ``read_subjects`` counts the subjects read so far.
+    """
+
+    def __init__(self, ds: xr.Dataset, domain: Domain, dtype: torch.dtype = torch.float32,
+                 source: str = IN_MEMORY, n_visits: int | None = None):
+        self.ds, self.domain, self.dtype, self.source, self.n_visits = ds, domain, dtype, source, n_visits
+        self._time = np.asarray(ds["time"].values, dtype=float)
+        self.subjects = [str(s) for s in ds["subject"].values]
+        times = torch.as_tensor(self._time)
+        whole = CohortTensors(self.subjects, times.new_zeros((len(self.subjects), times.shape[1], 0)),
+                              times.to(dtype), ~torch.isnan(times))
+        if n_visits is not None:
+            whole = pad_visits(whole, n_visits, source)
+        self.times, self.observed = whole.times, whole.observed
+        self.read_subjects = 0
+
+    @property
+    def n_subjects(self) -> int:
+        return len(self.subjects)
+
+    def subset(self, index: np.ndarray | torch.Tensor) -> CohortTensors:
+        """The subjects ``index`` (positions in the file), read from it, in the order given."""
+        index = np.asarray(torch.as_tensor(index, dtype=torch.long).cpu(), dtype=np.int64)
+        signal = self.ds["signal"]
+        unique, inverse = np.unique(index, return_inverse=True)  # the file is read in ascending order
+        values = (np.asarray(signal.isel(subject=unique).values)[inverse] if len(index)
+                  else np.zeros((0, *signal.shape[1:])))
+        subjects = [self.subjects[i] for i in index.tolist()]
+        check_signal(values, self._time[index], subjects, self.source)
+        self.read_subjects += len(unique)
+        data = _on_domain(values, self._time[index], subjects, self.domain, self.dtype)
+        return data if self.n_visits is None else pad_visits(data, self.n_visits, self.source)
 
 
 def follow_up(data: CohortTensors) -> float:

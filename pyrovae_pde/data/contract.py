@@ -41,18 +41,19 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _dtype_name(values: np.ndarray) -> str:
-    if values.dtype.kind in "US":
+def _dtype_name(var: xr.Variable) -> str:
+    """The schema's dtype name of ``var``; only object arrays are read (a lazily opened signal stays on disk)."""
+    if var.dtype.kind in "US":
         return "string"
-    if values.dtype.kind == "O":
+    if var.dtype.kind == "O":
         # An object array may hold None, NaN or numbers: NetCDF would write them as "" or fail to load.
-        return "string" if all(isinstance(v, str) for v in values.flat) else "object"
-    return str(values.dtype)
+        return "string" if all(isinstance(v, str) for v in np.asarray(var.values).flat) else "object"
+    return str(var.dtype)
 
 
 def describe(ds: xr.Dataset) -> dict[str, Any]:
     """The JSON-able structure the schema validates: attrs and each variable's dims and dtype."""
-    variables = {name: {"dims": list(var.dims), "dtype": _dtype_name(var.values)}
+    variables = {name: {"dims": list(var.dims), "dtype": _dtype_name(var)}
                  for name, var in ds.variables.items()}
     attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in ds.attrs.items()}
     attrs = {k: (str(v) if not isinstance(v, (str, int, float, bool)) else v) for k, v in attrs.items()}
@@ -77,10 +78,12 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
-def validate_dataset(ds: xr.Dataset, source: str = IN_MEMORY) -> xr.Dataset:
+def validate_dataset(ds: xr.Dataset, source: str = IN_MEMORY, signal_values: bool = True) -> xr.Dataset:
     """Check ``ds`` against the contract; return it unchanged or raise one ``ContractError``.
 
-    ``source`` (a file name) prefixes every message.
+    ``source`` (a file name) prefixes every message. ``signal_values=False`` leaves out the rules on
+    the signal's values, the one check that reads the whole signal: a lazily read cohort
+    (``cohort.LazyCohort``) checks each subject's with ``check_signal`` when it reads it.
     """
     def fail(message: str) -> ContractError:
         return ContractError(f"{source}: {message}")
@@ -113,7 +116,8 @@ def validate_dataset(ds: xr.Dataset, source: str = IN_MEMORY) -> xr.Dataset:
         raise fail(f"variables 'signal' and 'time' disagree on (subject, visit) sizes: "
                    f"{(signal.sizes['subject'], signal.sizes['visit'])} vs {time.shape}")
     _check_times(time, subjects, fail)
-    _check_signal(signal, time, subjects, fail)
+    if signal_values:
+        _check_signal(np.asarray(signal.values), time, subjects, fail)
     if ds.attrs["domain"] == "grid":
         _check_grid(ds, fail)
     else:
@@ -147,9 +151,15 @@ def _check_times(time: np.ndarray, subjects: list[str], fail: Callable[[str], Co
                        "visit times must be strictly ascending (sort the visits)")
 
 
-def _check_signal(signal: xr.DataArray, time: np.ndarray, subjects: list[str],
+def check_signal(values: np.ndarray, time: np.ndarray, subjects: list[str], source: str = IN_MEMORY) -> None:
+    """The contract's rules on the signal values of some subjects, as ``validate_dataset`` applies
+    them to all: values (n, T, *space), time (n, T), their ``subjects`` (n,); one ``ContractError``."""
+    _check_signal(np.asarray(values), np.asarray(time, dtype=float), subjects,
+                  lambda message: ContractError(f"{source}: {message}"))
+
+
+def _check_signal(values: np.ndarray, time: np.ndarray, subjects: list[str],
                   fail: Callable[[str], ContractError]) -> None:
-    values = np.asarray(signal.values)
     flat = values.reshape(values.shape[0], values.shape[1], -1)
     finite = np.isfinite(flat)
     all_nan = np.isnan(flat).all(axis=-1)
@@ -245,17 +255,25 @@ def _check_truth(ds: xr.Dataset, subjects: list[str], fail: Callable[[str], Cont
                 raise fail(f"variable {name!r}, subject {subjects[int(np.argmax(bad))]!r}: NaN or inf")
 
 
-def load_dataset(path: str | os.PathLike) -> xr.Dataset:
-    """Read and validate a contract file (NetCDF, engine h5netcdf) fully into memory."""
+def load_dataset(path: str | os.PathLike, lazy: bool = False) -> xr.Dataset:
+    """Read and validate a contract file (NetCDF, engine h5netcdf) fully into memory.
+
+    ``lazy=True``: open it instead, the variables read from the file when indexed (nothing cached),
+    and validate all but the signal's values, which ``cohort.LazyCohort`` checks per subject as it
+    reads them: what each rank of a distributed fit or predict does.
+    """
     path = Path(path)
     if not path.exists():
         raise ContractError(f"{path}: file not found")
     try:
-        with xr.open_dataset(path, engine="h5netcdf") as opened:
-            ds = opened.load()
+        if lazy:
+            ds = xr.open_dataset(path, engine="h5netcdf", cache=False)
+        else:
+            with xr.open_dataset(path, engine="h5netcdf") as opened:
+                ds = opened.load()
     except Exception as exc:  # h5py/xarray raise many kinds; one clear line is what users need
         raise ContractError(f"{path}: not a readable NetCDF/HDF5 file ({type(exc).__name__}: {exc})") from None
-    return validate_dataset(ds, source=str(path))
+    return validate_dataset(ds, source=str(path), signal_values=not lazy)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

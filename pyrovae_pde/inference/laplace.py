@@ -26,6 +26,7 @@ import torch
 from ..data.cohort import CohortTensors
 from ..model.likelihood import LOG_2PI, NOISE_FLOOR, gaussian_log_likelihood, normal_log_density
 from ..model.module import MixturePDE
+from . import distributed as ddp
 from .encoding import GuideSummary, encode_cohort
 
 SEARCH_RATE_MARGIN = 0.3  # log of the factor on the guide's rate that sets the search's step counts
@@ -86,12 +87,16 @@ def laplace_evidence(a: torch.Tensor, b: torch.Tensor, jaa: torch.Tensor, jab: t
     return cov, log_lik + log_prior + 0.5 * (1 + rate_d) * LOG_2PI - 0.5 * torch.log(det)
 
 
-def pooled_residual_variance(sse: torch.Tensor, n_obs: torch.Tensor) -> float | None:
+def pooled_residual_variance(sse: torch.Tensor, n_obs: torch.Tensor, share: ddp.Share | None = None) -> float | None:
     """Residual variance pooled over subjects at each subject's best component: sse (N, K), n_obs (N,).
-    None when no subject has a later observed visit."""
+    None when no subject has a later observed visit. ``share`` (distributed): these are this rank's
+    subjects; pooled over every rank's, in subject order (one process's value)."""
+    best = sse.min(dim=1).values
+    if share is not None:
+        best, n_obs = ddp.gather_rows(share, best, n_obs)
     if float(n_obs.sum()) <= 0:
         return None
-    return float(sse.min(dim=1).values.sum() / n_obs.sum())
+    return float(best.sum() / n_obs.sum())
 
 
 def _residuals_and_jacobians(module: MixturePDE, signal: torch.Tensor, times: torch.Tensor,
@@ -148,6 +153,7 @@ class _LevenbergMarquardt:
     step: float  # finite-difference step in log space
     broyden: bool
     two_level: bool
+    together: bool = False  # distributed: a batch's iterations stop when no rank's subject still gains
 
     def objective(self, resid, a, b):
         la, sa, lb, sb = self.prior
@@ -205,6 +211,8 @@ class _LevenbergMarquardt:
             if not self.broyden:
                 ja, jb = (torch.where(better[..., None], new, old) for new, old in ((ja1, ja), (jb1, jb)))
             gain = float(torch.where(better, obj - obj1, torch.zeros_like(obj)).max())
+            if self.together:
+                gain = ddp.reduce_max(gain)
             a, b = torch.where(better, a1, a), torch.where(better, b1, b)
             resid = torch.where(better[..., None], resid1, resid)
             obj = torch.where(better, obj1, obj)
@@ -214,6 +222,12 @@ class _LevenbergMarquardt:
         if n_iter or two_level:
             a, b, resid, ja, jb = self._at_the_mode(batch, a, b, resid, search_rates, lam)
         return a, b, (ja ** 2).sum(-1), (ja * jb).sum(-1), (jb ** 2).sum(-1), (resid ** 2).sum(-1)
+
+    def idle(self, n_iter: int, tol: float) -> None:
+        """A rank without subjects in a batch (``together``): the batch's decisions to stop, taken with the others."""
+        for _ in range(n_iter):
+            if ddp.reduce_max(0.0) < tol:
+                break
 
     def _at_the_mode(self, batch, a, b, resid, search_rates, lam):
         """The final Jacobian at the mode (rows whose rate outgrew the search's steps re-solved) and,
@@ -241,7 +255,8 @@ class _LevenbergMarquardt:
 def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter: int = 4,
                 step: float | None = None, tol: float = 1e-2, batch_size: int | None = None,
                 dtype: torch.dtype = torch.float32, hessian_noise_sd: float | str | None = None,
-                start: GuideSummary | None = None, broyden: bool = True, two_level: bool = False) -> LaplaceFit:
+                start: GuideSummary | None = None, broyden: bool = True, two_level: bool = False,
+                share: ddp.Share | None = None) -> LaplaceFit:
     """Levenberg-Marquardt mode and Laplace approximation of p(log D, log r | x_i, subtype k).
 
     The Jacobian is a forward difference at the start and at the end; in between each iteration
@@ -267,6 +282,11 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
             that objective by one Gauss-Newton step, and take the residuals there as a coarse
             solve plus the fine-minus-coarse defect at the search's mode. The defect is smooth
             in theta, so the step is small (checked against ``two_level=False`` in the tests).
+        share: distributed, ``data`` holds this rank's subjects, at ``share.rows`` of a cohort of
+            ``share.n_total``: the batches are one process's (restricted to these subjects), each
+            batch's iterations stop when no rank's subject still gains, and the ``"least_squares"``
+            noise is pooled over every rank's subjects, so that each subject's fit is the one a
+            single process makes.
     Subjects without later visits keep the prior (their evidence is 0).
     """
     guide = start if start is not None else encode_cohort(module, data.to(data.signal.device, torch.float32))
@@ -277,19 +297,22 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
     if batch_size is None:  # about 4e6 residual values per batch and point
         batch_size = max(1, int(4e6 // (k * data.signal.shape[1] * data.signal.shape[2])))
     problem = _LevenbergMarquardt(module, module.prior_terms(dtype, data.signal.device), has_rate,
-                                  float(noise_sd) ** 2, step, broyden, two_level)
+                                  float(noise_sd) ** 2, step, broyden, two_level, share is not None)
     a_all = guide.d_loc.to(dtype).clone()
     b_all = torch.where(has_rate, guide.r_loc, torch.zeros_like(guide.r_loc)).to(dtype).clone()
-    parts = []
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
+    parts = [tuple(a_all.new_zeros((0, k)) for _ in range(6))]
+    for start in range(0, n if share is None else share.n_total, batch_size):
+        sl = slice(start, start + batch_size) if share is None else share.within(start, start + batch_size)
+        if share is not None and sl.start >= sl.stop:  # none of this batch's subjects here
+            problem.idle(n_iter, tol)
+            continue
         batch = (data.signal[sl].to(dtype), data.times[sl].to(dtype), data.observed[sl, 1:].to(dtype))
         parts.append(problem.fit(batch, a_all[sl], b_all[sl], n_iter, tol))
     pri = problem.prior
     a, b, jaa, jab, jbb, sse = (torch.cat(p).double() for p in zip(*parts))
     n_obs = data.observed[:, 1:].double().sum(1) * data.signal.shape[-1]
     if hessian_noise_sd == "least_squares":
-        h2 = (pooled_residual_variance(sse, n_obs) or 0.0) + NOISE_FLOOR ** 2
+        h2 = (pooled_residual_variance(sse, n_obs, share) or 0.0) + NOISE_FLOOR ** 2
     else:
         h2 = float(hessian_noise_sd if hessian_noise_sd is not None else noise_sd) ** 2
     cov, log_evidence = laplace_evidence(a, b, jaa, jab, jbb, sse, n_obs, h2, pri, has_rate)

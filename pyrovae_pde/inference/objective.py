@@ -3,6 +3,7 @@ whose per-subject factors are Laplace approximations refined from cached modes (
 its evaluation with common random numbers (``evaluate_elbo``)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from pyro.infer import TraceEnum_ELBO
 from ..data.cohort import CohortTensors
 from ..model.likelihood import observation_sd
 from ..model.module import MAX_PLATE_NESTING, MixturePDE, RefinedPosterior
+from . import distributed as ddp
 from .encoding import GuideSummary, encode_cohort
 from .laplace import LaplaceFit, laplace_fit
 
@@ -55,30 +57,48 @@ def refine(module: MixturePDE, data: CohortTensors, start: torch.Tensor | None =
 
 
 def evaluate_elbo(module: MixturePDE, data: CohortTensors, refined: RefinedPosterior | None = None,
-                  n_draws: int = 4, seed: int = 0, batch_size: int = 256) -> tuple[float, float]:
+                  n_draws: int = 4, seed: int = 0, batch_size: int = 256,
+                  share: ddp.Share | None = None) -> tuple[float, float]:
     """ELBO per subject of ``data`` (mean and MC standard error over ``n_draws`` guide draws).
 
     ``refined``: the semi-amortized guide's local factors (default: the encoder's guide). The
     draws use their own seeded RNG (common random numbers), so two calls on the same data
-    differ only by the parameters.
+    differ only by the parameters. ``share`` (distributed): ``data`` and ``refined`` hold this
+    rank's subjects only, at ``share.rows`` of a set of ``share.n_total``; each rank evaluates its
+    own with the random numbers of the whole set's batches (``distributed.SharedDraws``) and the
+    sums are added over the ranks: one process's value up to the order of the sums.
     """
     elbo = trace_elbo()
-    n = data.n_subjects
+    n = data.n_subjects if share is None else share.n_total
+    device = data.signal.device
     values = []
-    with torch.no_grad(), torch.random.fork_rng(devices=[] if data.signal.device.type == "cpu"
-                                                else [data.signal.device]):
+    with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         pyro.set_rng_seed(seed)
         for _ in range(n_draws):
             total = 0.0
             for start in range(0, n, batch_size):
-                idx = torch.arange(start, min(start + batch_size, n), device=data.signal.device)
-                part = None if refined is None else RefinedPosterior(refined.loc[idx], refined.cov[idx])
+                stop = min(start + batch_size, n)
+                draws = contextlib.nullcontext()
+                if share is None:
+                    idx = local = torch.arange(start, stop, device=device)
+                else:  # this rank's subjects of the batch, with the batch's draws
+                    mine = share.within(start, stop)
+                    local = torch.arange(mine.start, mine.stop, device=device)
+                    idx = share.rows[mine].to(device)
+                    if not len(idx):
+                        ddp.skip_draws(module, stop - start, data.signal.dtype)
+                        continue
+                    draws = ddp.SharedDraws(idx - start, stop - start)
+                part = None if refined is None else RefinedPosterior(refined.loc[local], refined.cov[local])
                 try:
-                    total += elbo.loss(module.model, module.guide, data.signal[idx], data.times[idx],
-                                       data.observed[idx], idx, n, refined=part) * len(idx) / n
+                    with draws:
+                        total += elbo.loss(module.model, module.guide, data.signal[local], data.times[local],
+                                           data.observed[local], idx, n, refined=part) * len(idx) / n
                 except ValueError:  # a distribution validated non-finite parameters
                     total = math.nan
             values.append(-total / n)
+    if share is not None:
+        values = ddp.sum_over_ranks(torch.tensor(values, dtype=torch.float64)).tolist()
     values = np.asarray(values)
     se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
     return float(values.mean()), se

@@ -30,6 +30,7 @@ from ..data.cohort import CohortTensors
 from ..errors import InputError
 from ..model.likelihood import NOISE_FLOOR, gaussian_log_likelihood, observation_sd
 from ..model.module import MixturePDE
+from . import distributed as ddp
 from .encoding import GuideSummary, encode_cohort
 from .laplace import laplace_fit, pooled_residual_variance
 from .quadrature import DEFAULT_TOLERANCE, log_prior, node_sse, quadrature_nodes
@@ -151,17 +152,22 @@ class Proposal:
                  + rate * dist.Normal(cond_mean, cond_var.sqrt()).log_prob(b))
         return torch.logaddexp(math.log1p(-self.defensive) + log_l, math.log(self.defensive) + log_g)
 
-    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """n draws of (log D, log r), each (n, N, K); log r is 0 where there is no rate."""
+    def sample(self, n: int, generator: torch.Generator,
+               share: ddp.Share | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """n draws of (log D, log r), each (n, N, K); log r is 0 where there is no rate. ``share``
+        (distributed): the N subjects are ``share.rows`` of ``share.n_total``; the random numbers
+        are drawn for all of them, as one process draws them, and these subjects' kept."""
         d_loc, d_scale, r_loc, r_scale = self._guide_params()
+        shape = d_loc.shape if share is None else (share.n_total, *d_loc.shape[1:])
+        keep = (lambda t: t) if share is None else (lambda t: t[:, share.rows])  # noqa: E731
         # drawn on the (CPU) generator, then moved: the same draws on CPU and CUDA
-        eps = torch.randn((n, *d_loc.shape, 2), generator=generator, dtype=DTYPE).to(d_loc.device)
+        eps = keep(torch.randn((n, *shape, 2), generator=generator, dtype=DTYPE)).to(d_loc.device)
         a = d_loc + d_scale * eps[..., 0]
         b = r_loc + r_scale * eps[..., 1]
         if self.mean is not None:
             chol = torch.linalg.cholesky(self.cov)  # (N, K, 2, 2)
             lap = self.mean + (chol @ eps[..., None])[..., 0]
-            uniform = torch.rand((n, *d_loc.shape), generator=generator, dtype=DTYPE).to(d_loc.device)
+            uniform = keep(torch.rand((n, *shape), generator=generator, dtype=DTYPE)).to(d_loc.device)
             use_guide = uniform < self.defensive
             a = torch.where(use_guide, a, lap[..., 0])
             b = torch.where(use_guide, b, lap[..., 1])
@@ -202,12 +208,15 @@ def laplace_proposal(module: MixturePDE, data: CohortTensors, n_iter: int = 10, 
 
 def particle_stats(module: MixturePDE, data: CohortTensors, n_particles: int = 32, seed: int = 0,
                    proposal: str | Proposal = "laplace", batch_size: int | None = None,
-                   keep_fields: bool = False) -> ParticleStats:
+                   keep_fields: bool = False, share: ddp.Share | None = None) -> ParticleStats:
     """Draw ``n_particles`` per subject and component from the proposal, solve, keep the statistics.
 
     ``proposal``: ``"laplace"`` (default: the guide refined by ``laplace_proposal``, mixed with
     the guide), ``"guide"`` (the amortized guide alone), or a ``Proposal``. ``keep_fields`` also
-    keeps every particle's solution (float32) for posterior predictive draws.
+    keeps every particle's solution (float32) for posterior predictive draws. ``share``
+    (distributed; with a ``Proposal``): ``data`` holds this rank's subjects, ``share.rows`` of
+    ``share.n_total``: their particles are the ones one process draws for them
+    (``Proposal.sample``); ``noise_ref``, a cohort-wide profile, is left NaN.
     """
     if n_particles < 1:
         raise InputError(f"n_particles must be >= 1, got {n_particles}")
@@ -219,7 +228,7 @@ def particle_stats(module: MixturePDE, data: CohortTensors, n_particles: int = 3
     else:
         kind = "custom"
     generator = torch.Generator().manual_seed(seed)
-    a, b = proposal.sample(n_particles, generator)
+    a, b = proposal.sample(n_particles, generator, share)
     prior = log_prior(module, a, b, proposal.has_rate)
     log_ratio = prior - proposal.log_prob(a, b)  # densities of log D, log r: the Jacobians cancel
     d = torch.exp(a)
@@ -230,7 +239,8 @@ def particle_stats(module: MixturePDE, data: CohortTensors, n_particles: int = 3
     # the solves may run on CUDA; the statistics are small and everything downstream is on CPU
     stats = ParticleStats(list(data.subjects), tuple(module.components), sse.cpu(), log_ratio.cpu(), n_obs.cpu(),
                           d.cpu(), r.cpu(), proposal=kind, fields=kept, log_prior_ref=prior.cpu())
-    stats.noise_ref = profile_noise(stats)
+    if share is None:
+        stats.noise_ref = profile_noise(stats)
     return stats
 
 

@@ -21,6 +21,7 @@ import xarray as xr
 from ..data.cohort import CohortTensors
 from ..errors import InputError
 from ..model.module import MixturePDE
+from . import distributed as ddp
 from . import particles
 from .encoding import GuideSummary, encode_cohort, global_means  # noqa: F401 (re-exported)
 from .laplace import laplace_fit, pooled_residual_variance
@@ -89,26 +90,41 @@ class RefinedFit:
 
 
 def refined_fit(module: MixturePDE, data: CohortTensors, noise: torch.Tensor, n_particles: int, seed: int = 0,
-                n_iter: int = 3) -> RefinedFit:
+                n_iter: int = 3, share: ddp.Share | None = None) -> RefinedFit:
     """Laplace approximations of every (subject, component) posterior refined from the encoder's
     guess (``n_iter`` Levenberg-Marquardt steps, two-level solves) and, with ``n_particles`` > 0,
-    importance sampling from them (covariance inflated 2x); see ``posterior_dataset``."""
+    importance sampling from them (covariance inflated 2x); see ``posterior_dataset``. ``share``
+    (distributed): ``data`` is this rank's subjects (see ``laplace_fit`` and ``particle_stats``)."""
     guide = encode_cohort(module, data.to(data.signal.device, next(module.parameters()).dtype))
     fit = laplace_fit(module, data, float(particles.observation_sd(noise)), n_iter=n_iter,
-                      hessian_noise_sd="least_squares", two_level=True, start=guide)
+                      hessian_noise_sd="least_squares", two_level=True, start=guide, share=share)
     if not n_particles:
         return RefinedFit(fit, guide, fit.log_evidence.cpu())
     proposal = dataclasses.replace(particles.guide_proposal(module, data, guide),
                                    mean=fit.mean.to(particles.DTYPE), cov=fit.cov.to(particles.DTYPE) * 2.0)
-    stats = particles.particle_stats(module, data, n_particles=n_particles, seed=seed, proposal=proposal)
+    stats = particles.particle_stats(module, data, n_particles=n_particles, seed=seed, proposal=proposal, share=share)
     # at the noise scale of the Laplace step: log_weights adds the model's noise floor itself
-    variance = pooled_residual_variance(fit.sse, fit.n_obs)
+    variance = pooled_residual_variance(fit.sse, fit.n_obs, share)
     log_w = stats.log_weights(0.0 if variance is None else variance ** 0.5).cpu()  # (P, N, K)
     return RefinedFit(fit, guide, torch.logsumexp(log_w, dim=0) - np.log(n_particles), stats, log_w)
 
 
+def _join_ranks(share: ddp.Share, subjects: list[str], variables: dict[str, np.ndarray], conflict: tuple | None):
+    """On rank 0, every rank's ``subjects``, per-subject ``variables`` (n, ...) and prior-check
+    inputs ``conflict`` (tensors (n, ...) or None) in cohort order; None on the other ranks."""
+    parts = ddp.gather_objects((share.rows, subjects, variables, conflict))
+    if parts is None:
+        return None
+    order = torch.cat([p[0] for p in parts]).argsort()
+    every = [s for p in parts for s in p[1]]
+    variables = {name: np.concatenate([p[2][name] for p in parts])[order.numpy()] for name in variables}
+    if conflict is not None:
+        conflict = tuple(torch.cat([p[3][j] for p in parts])[order] for j in range(len(conflict)))
+    return [every[i] for i in order.tolist()], variables, conflict
+
+
 def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int | None = None, seed: int = 0,
-                      refine: bool = True, n_iter: int = 3) -> xr.Dataset:
+                      refine: bool = True, n_iter: int = 3, share: ddp.Share | None = None) -> xr.Dataset | None:
     """The posterior contract (see ``data_schemas/posterior-v1.schema.json``) for ``data``'s subjects.
 
     ``refine=True`` (default): each (subject, component) posterior is the Laplace approximation
@@ -126,6 +142,10 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
     nodes, with ``SMALL_DOMAIN_PARTICLES`` draws; larger domains get the Laplace approximation alone.
     ``refine=False``: the amortized guide alone, Z_ik by importance sampling with ``n_particles``
     draws from it (default 8, ``seed``); faster per subject, but as good only as the encoder.
+
+    ``share`` (distributed predict): ``data`` is this rank's subjects, ``share.rows`` of the cohort;
+    each rank does theirs (with one process's batches, random numbers and pooled noise) and rank 0
+    returns the whole cohort's posterior, the other ranks None.
     """
     if n_particles is None:
         small = module.domain.n_nodes <= SMALL_DOMAIN_NODES
@@ -135,7 +155,7 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
     weights, noise = (t.cpu() for t in global_means(module))  # the per-subject work may run on CUDA
     summaries = None
     if refine:
-        refined = refined_fit(module, data, noise, n_particles, seed=seed, n_iter=n_iter)
+        refined = refined_fit(module, data, noise, n_particles, seed=seed, n_iter=n_iter, share=share)
         fit, log_evidence = refined.fit, refined.log_evidence
         summary = GuideSummary(fit.mean[..., 0], torch.sqrt(fit.cov[..., 0, 0]),
                                torch.where(fit.has_rate, fit.mean[..., 1], torch.nan),
@@ -146,26 +166,32 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
     else:
         guide = encode_cohort(module, data.to(data.signal.device, next(module.parameters()).dtype))
         stats = particles.particle_stats(module, data, n_particles=n_particles, seed=seed,
-                                        proposal=particles.guide_proposal(module, data, guide))
+                                         proposal=particles.guide_proposal(module, data, guide), share=share)
         log_evidence = component_log_evidence(stats, noise.double().reshape(1))[0]
         summary = guide
     probs = subtype_log_probs(log_evidence, weights).exp()
-    coords = {"subject": np.array(data.subjects, dtype=object), "subtype": np.array(module.components, dtype=object)}
-    dims = ("subject", "subtype")
-    variables: dict = {"subtype_prob": (dims, probs.cpu().numpy().astype(float)),
-                       "log_evidence_component": (dims, log_evidence.cpu().numpy().astype(float))}
+    variables: dict = {"subtype_prob": probs.cpu().numpy().astype(float),  # (subject, subtype) arrays
+                       "log_evidence_component": log_evidence.cpu().numpy().astype(float)}
     for name, loc, scale in (("diffusivity", summary.d_loc, summary.d_scale),
                              ("reaction", summary.r_loc, summary.r_scale)):
         values = summaries[name] if summaries else lognormal_summary(loc.cpu().numpy().astype(float),
                                                                      scale.cpu().numpy().astype(float))
         for suffix, value in values.items():
-            variables[name + suffix] = (dims, value)
+            variables[name + suffix] = value
+    subjects, conflict = list(data.subjects), (fit.mean, log_evidence, fit.n_obs) if refine else None
+    if share is not None:  # rank 0 joins every rank's subjects, in cohort order
+        if (joined := _join_ranks(share, subjects, variables, conflict)) is None:
+            return None
+        subjects, variables, conflict = joined
+    coords = {"subject": np.array(subjects, dtype=object), "subtype": np.array(module.components, dtype=object)}
+    dims = ("subject", "subtype")
+    variables = {name: (dims, value) for name, value in variables.items()}
     variables["weights"] = (("subtype",), weights.cpu().numpy().astype(float))
     variables["noise_scale"] = ((), float(noise))
     attrs = {"schema_version": "1", "kind": "posterior", "n_particles": n_particles, "seed": seed,
              "refined": int(refine)}
-    if refine:  # prior-data conflict on this cohort (see prior_check)
-        checks = prior_conflict(module.priors, fit.mean, log_evidence, weights, fit.has_rate, fit.n_obs)
+    if refine:  # prior-data conflict on this cohort (see prior_check): modes, log evidence, n_obs
+        checks = prior_conflict(module.priors, conflict[0], conflict[1], weights, fit.has_rate, conflict[2])
         attrs["prior_conflict"] = json.dumps([c.as_dict() for c in checks])
     ds = xr.Dataset(variables, coords=coords, attrs=attrs)
     ds["subtype_prob"].attrs["description"] = "posterior probability of each subtype (rows sum to 1)"

@@ -54,7 +54,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from ..data.cohort import CohortTensors
+from ..data.cohort import CohortTensors, LazyCohort
 from ..data.contract import read_torch_file
 from ..errors import MissingFileError, TrainingDivergedError
 from ..model.module import MixturePDE
@@ -62,7 +62,7 @@ from . import distributed as ddp
 from .objective import evaluate_elbo, noise_sd, refine
 from .prior_check import prior_conflict
 from .train_config import TrainConfig, TrainState
-from .trainer import Trainer
+from .trainer import Trainer, TrainingShard
 
 LOGGER = logging.getLogger(__name__)
 
@@ -108,35 +108,34 @@ def _set_lr(trainer: Trainer, scale: float, config: TrainConfig) -> None:
         group["lr"] = config.encoder_learning_rate * scale
 
 
-def train(module: MixturePDE, data: CohortTensors, config: TrainConfig | None = None,
+def train(module: MixturePDE, data: CohortTensors | LazyCohort, config: TrainConfig | None = None,
           checkpoint_dir: str | os.PathLike | None = None, resume: bool = False) -> TrainState:
     """Fit ``module`` to ``data``; returns the training state (history and convergence diagnostics).
 
     The module ends with the parameters of the best validation epoch of the best restart. With
     ``checkpoint_dir``, a checkpoint is written atomically after every epoch and ``resume=True``
     continues from it (the same restart and epoch, with the same random numbers). ``config``:
-    ``TrainConfig()`` (the defaults) when not given.
+    ``TrainConfig()`` (the defaults) when not given. Distributed (``config.distributed``), each
+    rank takes its own subjects of ``data``: from a ``LazyCohort`` it reads only those.
     """
     config = TrainConfig() if config is None else config
-    started = ddp.init_from_env(config.device, config.distributed_timeout) if config.distributed else False
-    try:
-        return _train(module, data, config, checkpoint_dir, resume)
-    except Exception:
-        if config.distributed and ddp.world_size() > 1:
-            LOGGER.error("rank %d of %d failed; the other ranks stop at their next collective (within "
-                         "distributed_timeout)", ddp.rank(), ddp.world_size())
-        raise
-    finally:
-        if started:
-            torch.distributed.destroy_process_group()
+    with ddp.process_group(config.device, config.distributed_timeout, enabled=config.distributed):
+        try:
+            return _train(module, data, config, checkpoint_dir, resume)
+        except Exception:
+            if config.distributed and ddp.world_size() > 1:
+                LOGGER.error("rank %d of %d failed; the other ranks stop at their next collective (within "
+                             "distributed_timeout)", ddp.rank(), ddp.world_size())
+            raise
 
 
-def _train(module: MixturePDE, data: CohortTensors, config: TrainConfig, checkpoint_dir, resume: bool) -> TrainState:
+def _train(module: MixturePDE, data: CohortTensors | LazyCohort, config: TrainConfig, checkpoint_dir,
+           resume: bool) -> TrainState:
     if ddp.rank() != 0:  # progress bars and logs from rank 0 only
         config = dataclasses.replace(config, progress=False)
     device = torch.device(config.device)
     module.to(device)
-    data = data.to(device)
+    shard = TrainingShard.of(data, config, device)  # the restarts share the split (and the subjects read)
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     payload = None
     if resume:
@@ -149,7 +148,7 @@ def _train(module: MixturePDE, data: CohortTensors, config: TrainConfig, checkpo
         if restart > first_restart or payload is None:
             module.reinitialize(run_config.seed)
             payload = None
-        state, best = _train_once(module, data, run_config, checkpoint, payload, restart, finished)
+        state, best = _train_once(module, shard, run_config, checkpoint, payload, restart, finished)
         payload = None
         elbos = (finished["state"].restart_elbos if finished else []) + [-state.best_val]
         state.restart_elbos = elbos
@@ -159,7 +158,7 @@ def _train(module: MixturePDE, data: CohortTensors, config: TrainConfig, checkpo
     state = finished["state"]
     module.load_state_dict(finished["module"])
     if checkpoint is not None and config.restarts > 1:  # record the restarts' outcome for --resume
-        trainer = Trainer(module, data, config, device)
+        trainer = Trainer(module, shard, config, device)
         _save_checkpoint(checkpoint, trainer, state, finished["module"], config, finished)
     return state
 
@@ -223,12 +222,12 @@ def _record_prior_check(trainer: Trainer, state: TrainState) -> None:
     state.prior_check = [c.as_dict() for c in checks]
 
 
-def _train_once(module: MixturePDE, data: CohortTensors, config: TrainConfig, checkpoint: Path | None,
+def _train_once(module: MixturePDE, shard: TrainingShard, config: TrainConfig, checkpoint: Path | None,
                 payload: dict | None, restart: int, finished: dict | None) -> tuple[TrainState, dict]:
     device = torch.device(config.device)
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
-    trainer = Trainer(module, data, config, device)
+    trainer = Trainer(module, shard, config, device)
     state, best_state = _start_or_resume(trainer, config, payload, restart)
     best_modes = (trainer.train_modes, trainer.val_modes)
     if state.stop_reason == "plateau" or state.epoch >= config.epochs:

@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import InputError
 
 GUIDES = ("semi-amortized", "amortized")
+RESTART_SPREAD_WARNING = 1.0  # nats per subject between the best and worst restart's validation ELBO
 
 
 @dataclass
@@ -42,8 +43,8 @@ class TrainConfig:
     max_rollbacks: int = 4
     restarts: int = 1
     progress: bool = True
-    # data-parallel over torch.distributed (distributed.py; launched by torchrun): each rank takes every
-    # P-th subject of each global minibatch of batch_size; collectives fail after distributed_timeout seconds
+    # data-parallel over torch.distributed (distributed.py; launched by torchrun): each rank holds every P-th
+    # subject and takes its own of each global minibatch of batch_size; collectives fail after distributed_timeout s
     distributed: bool = False
     distributed_timeout: float = 600.0
 
@@ -106,3 +107,26 @@ def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[np.nda
     perm = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * validation_fraction)) if n >= 10 else 0
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def convergence_warning(diag: dict | None) -> str | None:
+    """A one-line warning naming what to change when a fit with the diagnostics ``diag``
+    (``TrainState.diagnostics``; None: not recorded) did not converge, else None."""
+    if diag is None:
+        return ("this run does not record whether its fit converged (written by an older version); refit it "
+                "with 'pyrovae-pde fit' to check")
+    if diag.get("stop_reason") == "max_epochs":
+        slope = diag.get("elbo_slope_per_epoch", float("nan"))
+        trend = (f"was still changing ({slope:+.3g} nats per subject and epoch)" if slope == slope
+                 else "had too few epochs to show a plateau")
+        return (f"the fit did NOT converge: its validation ELBO {trend} when it reached the most epochs "
+                f"({diag['epochs_run']}); results from it may be "
+                f"artefacts of the unfinished fit. Refit with a larger --epochs (e.g. --epochs "
+                f"{max(2 * diag['epochs_run'], 10)})")
+    if not diag.get("converged"):
+        return f"the fit did NOT converge ({diag.get('stop_reason')}); refit it (see 'pyrovae-pde fit --help')"
+    spread = diag.get("restart_spread")
+    if spread is not None and spread == spread and spread > RESTART_SPREAD_WARNING:
+        return (f"the {diag['restarts']} restarts ended {spread:.2f} nats per subject apart: the fit may depend on "
+                "its start; refit with more --restarts")
+    return None

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.cohort import CohortTensors
+from ..data.cohort import CohortTensors, LazyCohort
+from ..errors import InputError
 from ..model.likelihood import NOISE_FLOOR
 from ..model.module import MixturePDE, RefinedPosterior
 from . import distributed as ddp
@@ -23,15 +24,50 @@ from .search import search_modes
 from .train_config import TrainConfig, split_indices
 
 
-class Trainer:
-    """One fit of one module (one restart); ``train`` drives restarts and checkpoints."""
+@dataclasses.dataclass
+class TrainingShard:
+    """The training and validation subjects whose signal this rank holds (all of them in one
+    process): ``train`` and ``val``, at the positions ``train_rows`` and ``val_rows`` (ascending) of
+    their sets; distributed, rank r of P holds the positions r, r + P, ... of each set
+    (``distributed.own_rows``), position j at row j // P. ``n_train``, ``n_val``: the sets' sizes."""
 
-    def __init__(self, module: MixturePDE, data: CohortTensors, config: TrainConfig, device: torch.device):
-        self.module, self.config, self.device = module, config, device
+    train: CohortTensors
+    val: CohortTensors
+    n_train: int
+    n_val: int
+    train_rows: torch.Tensor
+    val_rows: torch.Tensor
+
+    @classmethod
+    def of(cls, data: CohortTensors | LazyCohort, config: TrainConfig, device: torch.device) -> "TrainingShard":
+        """The train/validation split of ``data`` (``split_indices``) and this rank's subjects of each,
+        read from a ``LazyCohort`` (only those) or taken from ``CohortTensors``, on ``device``."""
         split_seed = config.seed if config.split_seed is None else config.split_seed
         train_idx, val_idx = split_indices(data.n_subjects, config.validation_fraction, split_seed)
-        self.train_data, self.val_data = data.subset(train_idx), data.subset(val_idx)
-        self.n_train = self.train_data.n_subjects
+        n_train, n_val = len(train_idx), len(val_idx)
+        world = ddp.world_size() if config.distributed else 1
+        if world == 1:
+            return cls(data.subset(train_idx).to(device), data.subset(val_idx).to(device), n_train, n_val,
+                       torch.arange(n_train), torch.arange(n_val))
+        for name, n in (("training", n_train), ("validation", n_val)):
+            if 0 < n < world:
+                raise InputError(f"--distributed on {world} ranks: the {name} set has {n} subjects, fewer than the "
+                                 f"ranks; use at most {n} ranks or a larger cohort")
+        rows = ddp.own_rows(n_train), ddp.own_rows(n_val)
+
+        def read() -> tuple[CohortTensors, CohortTensors]:
+            return tuple(data.subset(idx[own.numpy()]).to(device) for idx, own in zip((train_idx, val_idx), rows))
+
+        return cls(*ddp.together(read), n_train, n_val, *rows)
+
+
+class Trainer:
+    """One fit of one module (one restart) on this rank's ``shard``; ``train`` drives restarts and checkpoints."""
+
+    def __init__(self, module: MixturePDE, shard: TrainingShard, config: TrainConfig, device: torch.device):
+        self.module, self.config, self.device = module, config, device
+        self.train_data, self.val_data = shard.train, shard.val  # the held subjects (see TrainingShard)
+        self.n_train, self.n_val = shard.n_train, shard.n_val
         semi = config.guide == "semi-amortized"
         # Semi-amortized, the mixture weights are set by EM from the evidences (see update_population):
         # inside the ELBO, with every component's q_k a component-conditional posterior, the
@@ -47,6 +83,11 @@ class Trainer:
         self.last_fit: LaplaceFit | None = None  # the training subjects' Laplace fits of the last epoch
         # data-parallel (distributed.py): this rank's share of every global batch, the rest all-reduced/gathered
         self.world = ddp.world_size() if config.distributed else 1
+        self.train_rows, self.val_rows = shard.train_rows, shard.val_rows  # the positions held
+
+    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The rows of the held data (train_data, val_data) of the positions ``idx`` this rank holds."""
+        return idx if self.world == 1 else idx // self.world
 
     # ------------------------------------------------------------------ steps
     def _apply(self, loss: torch.Tensor | None, optimizer: torch.optim.Optimizer, params) -> bool:
@@ -78,10 +119,12 @@ class Trainer:
         c, m, d = self.config, self.module, self.train_data
         pick = torch.randint(self.n_train, (c.sleep_batch_size,), generator=self.generator).to(self.device)
         noise = torch.exp(m.noise_loc.detach())
-        if self.world > 1:  # the batch's draws on every rank, this rank's rows solved
-            positions = torch.arange(ddp.rank(), len(pick), self.world, device=self.device)
+        if self.world > 1:  # the batch's draws on every rank, this rank's subjects solved
+            mine, positions = ddp.owned(pick)
+            rows = self._rows(mine)
             try:
-                loss = ddp.sleep_loss_shard(m, d.signal[pick, 0], d.times[pick], d.observed[pick], noise, positions)
+                loss = ddp.sleep_loss_shard(m, d.signal[rows, 0], d.times[rows], d.observed[rows], noise, positions,
+                                            len(pick))
             except ValueError:
                 loss = torch.tensor(math.nan)
             return self._apply(loss, self.encoder_opt, list(m.encoder.parameters()))
@@ -92,11 +135,11 @@ class Trainer:
         return self._apply(loss, self.encoder_opt, list(m.encoder.parameters()))
 
     def distill_step(self, idx: torch.Tensor, refined: RefinedPosterior, share: float = 1.0) -> bool:
-        """``share``: distributed, this rank's part of the global batch (idx is its shard)."""
-        d = self.train_data
+        """``share``: distributed, this rank's part of the global batch (idx: its subjects of the batch)."""
+        d, rows = self.train_data, self._rows(idx)
         loss = None
         if len(idx):  # share 1.0 (single process) leaves the loss bit for bit as it is
-            loss = self.module.distillation_loss(d.signal[idx], d.times[idx], d.observed[idx], refined) * share
+            loss = self.module.distillation_loss(d.signal[rows], d.times[rows], d.observed[rows], refined) * share
         return self._apply(loss, self.encoder_opt, list(self.module.encoder.parameters()))
 
     def wake_step(self, idx: torch.Tensor, refined: RefinedPosterior | None,
@@ -106,15 +149,17 @@ class Trainer:
         d = self.train_data
         params = [p for group in self.wake_opt.param_groups for p in group["params"]]
         if self.world > 1:
-            loss = None
+            loss, rows = None, self._rows(idx)
             if len(idx):
                 try:
                     with ddp.SharedDraws(positions, batch):
-                        loss = self.elbo.differentiable_loss(self.module.model, self.module.guide, d.signal[idx],
-                                                             d.times[idx], d.observed[idx], idx, self.n_train,
+                        loss = self.elbo.differentiable_loss(self.module.model, self.module.guide, d.signal[rows],
+                                                             d.times[rows], d.observed[rows], idx, self.n_train,
                                                              refined=refined) * (len(idx) / batch)
                 except ValueError:
                     loss = torch.tensor(math.nan)
+            else:  # none of the batch's subjects here: its draws all the same, to keep the RNG in step
+                ddp.skip_draws(self.module, batch, d.signal.dtype)
             return self.last_loss if self._apply(loss, self.wake_opt, params) else math.nan
         try:
             loss = self.elbo.differentiable_loss(self.module.model, self.module.guide, d.signal[idx], d.times[idx],
@@ -136,14 +181,13 @@ class Trainer:
     def least_squares_pass(self) -> None:
         """Modes of every subject by global search; noise and weights from them; distillation."""
         c, m = self.config, self.module
-        data = self._all()
-        rows = torch.arange(ddp.rank(), data.n_subjects, self.world)  # distributed: this rank's subjects
-        mine = data if self.world == 1 else data.subset(rows).to(self.device)
+        mine = self._all()  # the held training then validation subjects, at these positions of the two sets:
+        rows = torch.cat([self.train_rows, self.n_train + self.val_rows])
         with torch.no_grad():
             guide = encode_cohort(m, mine)
         sd = math.sqrt(m.priors.noise_median ** 2 + NOISE_FLOOR ** 2)
         search = self._gather(rows, search_modes(m, mine, sd, grid_size=c.search_grid, start=guide,
-                                                 dtype=data.signal.dtype, tolerance=1e-2, max_iter=8))
+                                                 dtype=mine.signal.dtype, tolerance=1e-2, max_iter=8))
         n_tr = self.n_train
         variance = max(pooled_residual_variance(search.sse[:n_tr], search.n_obs[:n_tr]) or sd ** 2, NOISE_FLOOR ** 2)
         # The population priors and weights by EM on the Laplace approximations at the data's noise
@@ -154,8 +198,8 @@ class Trainer:
         search = dataclasses.replace(search, cov=cov, log_evidence=log_evidence)
         self.update_population(search, variance, update_weights=True, n_iter=50)
         sd = math.sqrt(variance)
-        start = modes_as_start(search.mean[rows.to(search.mean.device)].to(data.signal.dtype))
-        search = self._gather(rows, search_modes(m, mine, sd, start=start, grid=False, dtype=data.signal.dtype,
+        start = modes_as_start(search.mean[rows.to(search.mean.device)].to(mine.signal.dtype))
+        search = self._gather(rows, search_modes(m, mine, sd, start=start, grid=False, dtype=mine.signal.dtype,
                                                  tolerance=1e-2, max_iter=4))
         variance = pooled_residual_variance(search.sse[:n_tr], search.n_obs[:n_tr]) or variance
         weights = self.update_population(search, sd ** 2, update_weights=True, n_iter=20)
@@ -166,21 +210,22 @@ class Trainer:
         with torch.no_grad():
             m.noise_loc.fill_(math.log(noise))
             m.noise_scale_raw.fill_(math.log(math.expm1(max(log_sd - 1e-4, 1e-6))))
-        modes = search.mean.to(data.signal.dtype)
+        dtype = mine.signal.dtype
+        modes = search.mean.to(dtype)
         self.train_modes, self.val_modes = modes[:n_tr].clone(), modes[n_tr:].clone()
         self.last_fit = search
         self.initial_noise, self.initial_weights = noise, weights.tolist()
         if c.guide != "semi-amortized" or not c.distill_steps:
             return
-        refined = RefinedPosterior(search.mean.to(data.signal.dtype)[:n_tr], search.cov.to(data.signal.dtype)[:n_tr])
+        refined = RefinedPosterior(search.mean.to(dtype)[:n_tr], search.cov.to(dtype)[:n_tr])
         bar = tqdm(range(c.distill_steps), desc="encoder on the modes", unit="step", disable=not c.progress,
                    leave=False)
         for _ in bar:
             idx = torch.randint(n_tr, (min(c.batch_size, n_tr),), generator=self.generator).to(self.device)
             share = 1.0
             if self.world > 1:
-                mine = ddp.shard(idx)[0]
-                share, idx = len(mine) / len(idx), mine
+                own = ddp.owned(idx)[0]
+                share, idx = len(own) / len(idx), own
             self.distill_step(idx, RefinedPosterior(refined.loc[idx], refined.cov[idx]), share)
         bar.close()
 
@@ -245,11 +290,11 @@ class Trainer:
         for step, start in enumerate(range(0, self.n_train, c.batch_size)):
             idx = perm[start:start + c.batch_size].to(self.device)
             batch, positions = len(idx), None
-            if self.world > 1:  # this rank's shard of the global minibatch
-                idx, positions = ddp.shard(idx)
+            if self.world > 1:  # this rank's subjects of the global minibatch
+                idx, positions = ddp.owned(idx)
             refined = None
             if semi and len(idx):
-                refined, fit = refine(self.module, d.subset(idx.cpu()).to(self.device), self.train_modes[idx],
+                refined, fit = refine(self.module, d.subset(self._rows(idx).cpu()), self.train_modes[idx],
                                       n_iter=c.refine_iterations)
                 self.train_modes[idx] = refined.loc.detach()
                 fits.append((idx, fit, refined.loc.detach()))
@@ -277,24 +322,21 @@ class Trainer:
                 self.last_fit = joined
             record["population_loc"] = self.module.population_loc.tolist()
             record["population_scale"] = self.module.population_scale.tolist()
-        data = self.val_data if self.val_data.n_subjects else d
+        validation = self.n_val > 0  # else the training subjects stand in
+        data, rows = (self.val_data, self.val_rows) if validation else (d, self.train_rows)
+        share = ddp.Share(rows, self.n_val if validation else self.n_train) if self.world > 1 else None
+        refined = None
         if semi:
-            modes = self.val_modes if self.val_data.n_subjects else self.train_modes
-            if self.world > 1:  # each rank refines its share of the subjects; gathered in order
-                rows = torch.arange(ddp.rank(), data.n_subjects, self.world)
-                part, _ = refine(self.module, data.subset(rows).to(self.device), modes[rows.to(modes.device)],
-                                 n_iter=c.refine_iterations)
-                parts = ddp.all_gather_objects((rows, part.loc, part.cov))
-                order = torch.cat([p[0] for p in parts]).argsort()
-                refined = RefinedPosterior(*(torch.cat([p[j] for p in parts])[order].to(self.device) for j in (1, 2)))
-            else:
-                refined, _ = refine(self.module, data, modes, n_iter=c.refine_iterations)
-            if self.val_data.n_subjects:
-                self.val_modes = refined.loc.detach()
-        else:
-            refined = None
-        value, se = evaluate_elbo(self.module, data, refined, n_draws=c.validation_draws, seed=c.seed + 1)
+            modes = self.val_modes if validation else self.train_modes
+            start = modes if share is None else modes[rows.to(modes.device)]
+            refined, _ = refine(self.module, data, start, n_iter=c.refine_iterations)
+            if validation:  # every rank's modes, in order
+                self.val_modes = (refined.loc.detach() if share is None else
+                                  ddp.gather_rows(share, refined.loc.detach())[0].to(self.device))
+        # each rank's subjects; distributed, summed over the ranks (distributed.py)
+        value, se = evaluate_elbo(self.module, data, refined, n_draws=c.validation_draws, seed=c.seed + 1, share=share)
         record["val_elbo"], record["val_elbo_se"] = value, se
         if semi:  # the encoder's own guide, on the same subjects: how good the amortized guess is
-            record["val_elbo_amortized"] = evaluate_elbo(self.module, data, None, n_draws=1, seed=c.seed + 2)[0]
+            record["val_elbo_amortized"] = evaluate_elbo(self.module, data, None, n_draws=1, seed=c.seed + 2,
+                                                         share=share)[0]
         return record

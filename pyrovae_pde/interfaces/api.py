@@ -13,19 +13,20 @@ import xarray as xr
 
 from .. import __version__
 from ..data import atomic_write, validate_dataset
-from ..data.cohort import CohortTensors, cohort_tensors, domain_from_dataset, follow_up, pad_visits
+from ..data.cohort import CohortTensors, LazyCohort, cohort_tensors, domain_from_dataset, follow_up, pad_visits
 from ..data.contract import read_json_file, read_torch_file
 from ..errors import ModelError, PyrovaePDEError
+from ..inference import distributed as ddp
 from ..inference.posterior import posterior_dataset
 from ..inference.ppc import DEFAULT_THRESHOLD
 from ..inference.quadrature import DEFAULT_TOLERANCE
 from ..inference.train import TrainConfig, TrainState, train
+from ..inference.train_config import convergence_warning
 from ..model.module import MixturePDE
 from ..model.priors import LogNormalPrior, Priors, cohort_priors
 from ..physics import Domain, GraphDomain, GridDomain, get_reaction, resolve_method
 from ..physics.solvers import DEFAULT_INITIAL_REACTION_STEP, DEFAULT_REACTION_STEP
 
-RESTART_SPREAD_WARNING = 1.0  # nats per subject between the best and worst restart's validation ELBO
 if TYPE_CHECKING:  # the analyses load their modules when called
     from ..inference.comparison import Comparison
     from ..inference.evidence import ModelEvidence
@@ -89,14 +90,15 @@ class SubtypeModel:
         self.seed_: int | None = None  # the seed of the fit (None if unknown)
 
     # ------------------------------------------------------------------ fitting
-    def tensors(self, ds: xr.Dataset, source: str = "<dataset>") -> CohortTensors:
+    def tensors(self, ds: xr.Dataset, source: str = "<dataset>", lazy: bool = False) -> CohortTensors | LazyCohort:
         """``ds`` validated and gathered onto the active nodes, as the module sees it.
 
         signal (N, T, n_nodes), times (N, T) in the file's time unit, observed (N, T); on a fitted
         model the domain must be the fitted one and the visit slots are padded to its ``n_visits``.
-        ``source`` names ``ds`` in error messages.
+        ``source`` names ``ds`` in error messages. ``lazy=True``: a ``LazyCohort`` instead, whose signal
+        is read (and checked) only for the subjects asked for, as each rank of a distributed run does.
         """
-        validate_dataset(ds, source=source)
+        validate_dataset(ds, source=source, signal_values=not lazy)
         if self.domain_ is not None:
             other = domain_from_dataset(ds)
             if other.fingerprint() != self.domain_.fingerprint():
@@ -106,6 +108,9 @@ class SubtypeModel:
                     f"({self.domain_.kind}, {self.domain_.n_nodes} nodes, shape {self.domain_.spatial_shape}); "
                     "the mask/adjacency must be identical: refit on this domain")
         domain = self.domain_ or domain_from_dataset(ds)
+        if lazy:
+            fitted = self.module_ is not None  # then padded to the fitted visit slots
+            return LazyCohort(ds, domain, source=source, n_visits=self.module_.n_visits if fitted else None)
         data = cohort_tensors(ds, domain)
         if self.module_ is not None:
             data = pad_visits(data, self.module_.n_visits, source)
@@ -118,17 +123,18 @@ class SubtypeModel:
             **train_options) -> "SubtypeModel":
         """Fit to a contract dataset (validated first); ``epochs`` is the most epochs (a run stops
         at the plateau of its validation ELBO), ``restarts`` fits from other seeds and keeps the
-        best. ``train_options`` go to ``TrainConfig``. ``convergence_`` holds the diagnostics."""
+        best. ``train_options`` go to ``TrainConfig``. ``convergence_`` holds the diagnostics. With
+        ``distributed=True`` (in torchrun) each rank reads only its subjects from ``ds`` (``LazyCohort``)."""
         dev = resolve_device(device)
         torch.manual_seed(seed)
         self.domain_ = None
-        data = self.tensors(ds, source)
+        data = self.tensors(ds, source, lazy=bool(train_options.get("distributed")))
         self.domain_ = domain_from_dataset(ds)
         tau = data.times - data.times[:, :1]
         self.time_scale_ = float(torch.nan_to_num(tau, nan=0.0).max()) or 1.0
         self.priors = self.priors_given or cohort_priors(follow_up(data), *self.domain_.spectral_range(),
                                                          **self.prior_overrides)
-        self.module_ = MixturePDE(self.domain_, self.components, data.signal.shape[1], self.priors,
+        self.module_ = MixturePDE(self.domain_, self.components, data.times.shape[1], self.priors,
                                   time_scale=self.time_scale_, reaction_step=self.reaction_step,
                                   initial_reaction_step=self.initial_reaction_step,
                                   encoder_width=self.encoder_width)
@@ -151,25 +157,7 @@ class SubtypeModel:
 
     def convergence_warning(self) -> str | None:
         """A one-line warning naming what to change when the fit did not converge, else None."""
-        diag = self.convergence_
-        if diag is None:
-            return ("this run does not record whether its fit converged (written by an older version); refit it "
-                    "with 'pyrovae-pde fit' to check")
-        if diag.get("stop_reason") == "max_epochs":
-            slope = diag.get("elbo_slope_per_epoch", float("nan"))
-            trend = (f"was still changing ({slope:+.3g} nats per subject and epoch)" if slope == slope
-                     else "had too few epochs to show a plateau")
-            return (f"the fit did NOT converge: its validation ELBO {trend} when it reached the most epochs "
-                    f"({diag['epochs_run']}); results from it may be "
-                    f"artefacts of the unfinished fit. Refit with a larger --epochs (e.g. --epochs "
-                    f"{max(2 * diag['epochs_run'], 10)})")
-        if not diag.get("converged"):
-            return f"the fit did NOT converge ({diag.get('stop_reason')}); refit it (see 'pyrovae-pde fit --help')"
-        spread = diag.get("restart_spread")
-        if spread is not None and spread == spread and spread > RESTART_SPREAD_WARNING:
-            return (f"the {diag['restarts']} restarts ended {spread:.2f} nats per subject apart: the fit may depend on "
-                    "its start; refit with more --restarts")
-        return None
+        return convergence_warning(self.convergence_)
 
     def _require_fitted(self) -> MixturePDE:
         if self.module_ is None:
@@ -178,7 +166,8 @@ class SubtypeModel:
 
     # ------------------------------------------------------------------ posterior
     def posterior(self, ds: xr.Dataset, n_particles: int | None = None, seed: int = 0, device: str = "cpu",
-                  source: str = "<dataset>", refine: bool = True, n_iter: int = 3) -> xr.Dataset:
+                  source: str = "<dataset>", refine: bool = True, n_iter: int = 3,
+                  distributed: bool = False) -> xr.Dataset | None:
         """Posterior summary for the subjects of ``ds`` (any cohort on the fitted domain).
 
         Returns the posterior contract: ``subtype_prob`` (subject, subtype), ``diffusivity`` and
@@ -189,17 +178,22 @@ class SubtypeModel:
         (``n_particles`` solves per subject and subtype) for skewed posteriors; the default does so
         with 128 draws on domains of at most 256 nodes (graphs), and not on larger ones.
         ``refine=False`` uses the encoder's guide alone with ``n_particles`` (default 8) importance draws.
+        ``distributed=True`` (in torchrun): rank r of P reads and predicts only the subjects r, r + P,
+        ... of ``ds``; rank 0 returns the whole cohort's posterior (see ``posterior_dataset``), the others None.
         """
         module = self._require_fitted()
-        data = self.tensors(ds, source)
         dev = resolve_device(device)
-        module.to(dev)
-        try:
-            post = posterior_dataset(module, data.to(dev), n_particles=n_particles, seed=seed, refine=refine,
-                                     n_iter=n_iter)
-        finally:
-            module.to("cpu")
-        post.attrs["model_components"] = ",".join(self.components)
+        with ddp.process_group(str(dev), TrainConfig.distributed_timeout, "predict", enabled=distributed):
+            cohort = self.tensors(ds, source, lazy=distributed)
+            data, share = ddp.read_own(cohort) if distributed else (cohort, None)
+            module.to(dev)
+            try:
+                post = posterior_dataset(module, data.to(dev), n_particles=n_particles, seed=seed, refine=refine,
+                                         n_iter=n_iter, share=share)
+            finally:
+                module.to("cpu")
+        if post is not None:
+            post.attrs["model_components"] = ",".join(self.components)
         return post
 
     # ------------------------------------------------------------------ analyses

@@ -89,16 +89,21 @@ def _rank_zero(distributed: bool) -> bool:
     return not distributed or os.environ.get("RANK", "0") == "0"
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
+def _rank_device(args: argparse.Namespace) -> None:
+    """Distributed on ``--device cuda``: one GPU per rank, torchrun's local rank."""
     import os
 
+    if args.distributed and args.device == "cuda":
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
     from ..data import load_dataset
 
-    ds = load_dataset(args.data)
+    ds = load_dataset(args.data, lazy=args.distributed)  # distributed: each rank reads its own subjects
     out = Path(args.out)
     start = time.perf_counter()
-    if args.distributed and args.device == "cuda":  # one GPU per rank: torchrun's local rank
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    _rank_device(args)
     model = fit_model(ds, comma_list(args.components), args, out, str(args.data))
     if not _rank_zero(args.distributed):
         return 0
@@ -152,12 +157,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..data.contract import atomic_write
     from .api import SubtypeModel
 
+    distributed = getattr(args, "distributed", False)
+    lead = _rank_zero(distributed)
     model = SubtypeModel.load(args.run_dir)
-    warn_if_unconverged(model, args.run_dir)
-    ds = load_dataset(args.data)
+    if lead:
+        warn_if_unconverged(model, args.run_dir)
+    ds = load_dataset(args.data, lazy=distributed)  # distributed: each rank reads its own subjects
     start = time.perf_counter()
+    _rank_device(args)
     post = model.posterior(ds, n_particles=args.particles, seed=args.seed, device=args.device, source=str(args.data),
-                           refine=args.refine, n_iter=args.iterations)
+                           refine=args.refine, n_iter=args.iterations, distributed=distributed)
+    if post is None:  # distributed: rank 0 gathered this rank's subjects and writes
+        return 0
     atomic_write(args.out, lambda tmp: post.to_netcdf(tmp, engine="h5netcdf"))
     print(f"wrote {args.out}: posterior of {post.sizes['subject']} subjects over subtypes "
           f"{', '.join(model.components)} in {time.perf_counter() - start:.1f} s")
@@ -232,8 +243,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the ranks of 'torchrun --nproc_per_node=P -m pyrovae_pde fit ... "
-                        "--distributed' (gloo on CPU, nccl on CUDA: one GPU per rank); --batch-size is the global "
-                        "batch, split over the ranks; rank 0 writes the run directory")
+                        "--distributed' (gloo on CPU, nccl on CUDA: one GPU per rank): each rank reads only its own "
+                        "subjects from the file; --batch-size is the global batch, split over the ranks; rank 0 "
+                        "writes the run directory")
     add_training_arguments(p)
     p.set_defaults(handler=cmd_fit)
 
@@ -249,6 +261,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the guide with --no-refine (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--distributed", action="store_true",
+                   help="split the subjects over the ranks of 'torchrun --nproc_per_node=P -m pyrovae_pde predict ... "
+                        "--distributed' (gloo on CPU, nccl on CUDA: one GPU per rank): each rank reads and predicts "
+                        "its own, rank 0 gathers them and writes --out (one process's file up to float32 rounding)")
     p.set_defaults(handler=cmd_predict)
 
     p = subparsers.add_parser("demo", help="simulate, fit, predict on new subjects, report and plot")
