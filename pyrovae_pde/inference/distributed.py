@@ -37,7 +37,6 @@ import pickle
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
-import pyro
 import torch
 import torch.distributed as dist
 from pyro.distributions import Normal
@@ -300,22 +299,9 @@ def sleep_loss_shard(module, u0: torch.Tensor, times: torch.Tensor, observed: to
             return None
         diffusivity = torch.exp(loc[:, 0] + scale[:, 0] * d_eps[positions])
         reaction = torch.exp(loc[ri, 1] + scale[ri, 1] * r_eps[positions]) if ri else None
-        fields = module.predict(u0, times, diffusivity, reaction)  # (b, K, T, n)
+        fields = module.simulate_fields(u0, times, diffusivity, reaction)  # (b, K, T, n)
         fields[:, :, 1:] += noise * noise_eps[positions]
         fields = fields * observed[:, None, :, None]
     b = len(positions)
-    flat = fields.reshape(b * k, *fields.shape[2:])
-    d_loc, d_scale, r_loc, r_scale = module.encode(flat, times.repeat_interleave(k, 0),
-                                                   observed.repeat_interleave(k, 0))
-    own = torch.arange(k, device=u0.device).repeat(b)
-    rows = torch.arange(b * k, device=u0.device)
-    log_q = pyro.distributions.Normal(d_loc[rows, own], d_scale[rows, own]).log_prob(diffusivity.log().reshape(-1))
-    loss = -log_q.mean()
-    if reaction is not None:
-        rate_rows = [i for i in range(b * k) if int(own[i]) in ri]
-        rate_col = torch.tensor([ri.index(int(own[i])) for i in rate_rows], device=u0.device)
-        rate_rows = torch.tensor(rate_rows, device=u0.device)
-        truth = reaction.log()[rate_rows // k, rate_col]
-        loss = loss - pyro.distributions.Normal(r_loc[rate_rows, rate_col],
-                                                r_scale[rate_rows, rate_col]).log_prob(truth).mean()
+    loss = module.sleep_nll(fields, times, observed, diffusivity, reaction)
     return loss * (b / batch)
