@@ -74,9 +74,9 @@ class GridEncoder(nn.Module):
     """Conv net over a 2-D/3-D grid; visits enter as channels (4 per visit slot + the mask).
 
     Grids of more than ``stem_max_voxels`` voxels in their box (3-D PET) first go through a stem of
-    narrow stride-2 convolutions until at most that many remain, so that no wide activation is
-    stored at full resolution (``tests/test_physics_large.py``: at 2 mm, 99 instead of 599 MB per
-    subject; at 6 mm the encoder step is about 4.7x faster). The 2-D paper grid has no stem.
+    narrow 2x2(x2) patch convolutions until at most that many remain, so that no wide activation is
+    stored at full resolution (``tests/test_physics_large.py``: at 2 mm, 90 instead of 599 MB per
+    subject for backward). The 2-D paper grid has no stem.
     ``stem_max_voxels=None``: no stem (runs saved before the stem existed).
     """
 

@@ -120,24 +120,25 @@ def chebyshev_propagator(domain: Domain, dtype: torch.dtype, device: torch.devic
         k = diffusivity.shape[1]
         a = (time.detach() * (0.5 * bound)).reshape(-1).cpu().double().numpy()  # (R K,)
         labels = _degree_groups(a)
-        groups = []  # (columns (M_g,) ascending, coefficients (m_g + 1, M_g)) per group
+        groups = []  # (columns (M_g,) ascending, as numpy and as a tensor; coefficients (m_g + 1, M_g))
         for label in np.unique(labels):
             columns = np.flatnonzero(labels == label)
             coeffs = torch.as_tensor(chebyshev_coefficients(a[columns], tol / math.sqrt(n)), dtype=dtype,
                                      device=device)
-            groups.append((torch.as_tensor(columns, device=time.device), coeffs))
+            groups.append((columns, torch.as_tensor(columns, device=time.device), coeffs))
         if len(groups) == 1:
-            coeffs = groups[0][1]
+            coeffs = groups[0][2]
             return lambda state, rows: _Propagate.apply(state, time[:rows], coeffs[:, : rows * k], operator, bound)
         flat_time = time.reshape(-1, 1)  # (R K, 1)
 
         def diffuse(state: torch.Tensor, rows: int) -> torch.Tensor:
             flat = state.reshape(rows * k, n)
             parts, order = [], []
-            for columns, coeffs in groups:
-                used = int(torch.searchsorted(columns, rows * k))  # the group's columns among the leading runs
+            for columns, on_device, coeffs in groups:
+                # the group's columns among the leading runs (on the host: no device sync per step)
+                used = int(np.searchsorted(columns, rows * k))
                 if used:
-                    cols = columns[:used]
+                    cols = on_device[:used]
                     parts.append(_Propagate.apply(flat[cols], flat_time[cols], coeffs[:, :used], operator, bound))
                     order.append(cols)
             out = torch.cat(parts)[torch.argsort(torch.cat(order))]
