@@ -140,6 +140,12 @@ def compare_models(runs: dict[str, list[FittedRun]], n_draws: int = 200, seed: i
         raise InputError("give at least one model to compare")
     if population not in POPULATIONS:
         raise InputError(f"population must be one of {POPULATIONS}, got {population!r}")
+    if population == "learned":
+        for name, fits in runs.items():
+            if any(f.module.population_terms > 1 for f in fits):
+                raise InputError(f"model {name!r} was fitted with mixture population priors, which the learned-"
+                                 "population evidence does not integrate; compare under the base priors (the "
+                                 "default) or refit with --population-terms 1")
     if population == "base":  # the ELBO stays the fit's own
         elbos = {name: [elbo_estimate(f.module, f.data, elbo_draws, seed) if elbo_draws else (math.nan, math.nan)
                         for f in fits] for name, fits in runs.items()}

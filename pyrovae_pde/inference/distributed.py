@@ -288,17 +288,14 @@ def sleep_loss_shard(module, u0: torch.Tensor, times: torch.Tensor, observed: to
     numbers, in the same order, as ``simulate_prior``), the PDE is solved for these rows only.
     None when this rank has no rows."""
     k = module.n_components
-    loc, scale = module.population_loc.to(u0), module.population_scale.to(u0)
-    ri = module.rate_index
     with torch.no_grad():
-        d_eps = torch.randn(batch, k, dtype=u0.dtype, device=u0.device)
-        r_eps = torch.randn(batch, len(ri), dtype=u0.dtype, device=u0.device) if ri else None
+        log_d, log_r = module.draw_population(batch, u0.dtype, u0.device)
         n_nodes = u0.shape[-1]
         noise_eps = torch.randn(batch, k, times.shape[1] - 1, n_nodes, dtype=u0.dtype, device=u0.device)
         if len(positions) == 0:
             return None
-        diffusivity = torch.exp(loc[:, 0] + scale[:, 0] * d_eps[positions])
-        reaction = torch.exp(loc[ri, 1] + scale[ri, 1] * r_eps[positions]) if ri else None
+        diffusivity = torch.exp(log_d[positions])
+        reaction = torch.exp(log_r[positions]) if log_r is not None else None
         fields = module.simulate_fields(u0, times, diffusivity, reaction)  # (b, K, T, n)
         fields[:, :, 1:] += noise * noise_eps[positions]
         fields = fields * observed[:, None, :, None]

@@ -188,12 +188,11 @@ def share_integrals(stats: list[ParticleStats]) -> list[ParticleStats]:
 
 def with_population(module: MixturePDE, loc: torch.Tensor, scale: torch.Tensor,
                     learned: bool | None = None) -> MixturePDE:
-    """A copy of ``module`` (encoder included) whose population priors are ``loc``, ``scale`` (K, 2);
-    ``learned``: also set whether they count as learned (None: as in ``module``)."""
+    """A copy of ``module`` (encoder included) whose population priors are the Gaussians ``loc``,
+    ``scale`` (K, 2); ``learned``: also set whether they count as learned (None: as in ``module``)."""
     other = copy.deepcopy(module)
     with torch.no_grad():
-        other.population_loc.copy_(loc.to(other.population_loc))
-        other.population_scale.copy_(scale.to(other.population_scale))
+        other.set_population(loc, scale)
         if learned is not None:
             other.population_learned.fill_(learned)
     return other
@@ -248,8 +247,7 @@ def fit_population(module: MixturePDE, data: CohortTensors, rounds: int = 2):
         pop, weights, resp, _ = em_population(fit.mean, fit.jtj, sd ** 2, fit.log_evidence, current, module.priors,
                                               fit.has_rate, n_iter=50, tied=bool(module.population_tied))
         with torch.no_grad():
-            module.population_loc.copy_(pop.loc.to(module.population_loc))
-            module.population_scale.copy_(pop.scale.to(module.population_scale))
+            module.set_population(pop.loc, pop.scale)
             module.weights_log_concentration.copy_(torch.log(module.priors.weights_concentration + resp.sum(0)).to(
                 module.weights_log_concentration))
         fit, sd = searched_modes(module, data)

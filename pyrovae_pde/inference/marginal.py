@@ -1,5 +1,6 @@
 """The globals of a fitted mixture, integrated: weights w, noise scale sigma and, when the model
-learns them, the population priors h = (mu_k, log tau_k) of every component.
+learns them, the population priors h = (mu_k, log tau_k) of every component (Gaussian populations;
+mixture populations are held at their fitted values).
 
 With every subject's latents integrated by its weighted points (``particles.ParticleStats``),
 
@@ -139,7 +140,8 @@ class GlobalSpace:
         self.noise_prior = dist.Normal(torch.tensor(math.log(p.noise_median), dtype=DTYPE),
                                        torch.tensor(p.noise_log_sd, dtype=DTYPE))
         self.weights_prior = dist.Dirichlet(torch.full((len(subset),), float(p.weights_concentration), dtype=DTYPE))
-        self.learned = bool(getattr(module, "population_learned", torch.tensor(False)))
+        # Mixture populations are plugged in at their fitted (empirical-Bayes) values, not integrated
+        self.learned = bool(getattr(module, "population_learned", torch.tensor(False))) and module.population_terms == 1
         self.base_loc = module.population_loc.to(DTYPE)[subset]  # (|S|, 2)
         self.base_scale = module.population_scale.to(DTYPE)[subset]
         has_rate = stats.has_rate[subset]

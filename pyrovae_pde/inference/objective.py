@@ -17,6 +17,7 @@ from ..model.module import MAX_PLATE_NESTING, MixturePDE, RefinedPosterior
 from . import distributed as ddp
 from .encoding import GuideSummary, encode_cohort
 from .laplace import LaplaceFit, laplace_fit
+from .population import under_mixture_population
 
 
 def trace_elbo() -> TraceEnum_ELBO:
@@ -43,7 +44,10 @@ def refine(module: MixturePDE, data: CohortTensors, start: torch.Tensor | None =
     produced non-finite values fall back to the encoder's guide."""
     summary = modes_as_start(start) if start is not None else None
     fit = laplace_fit(module, data, noise_sd(module), n_iter=n_iter, two_level=True, start=summary)
-    loc, cov = fit.mean.to(data.signal.dtype), fit.cov.to(data.signal.dtype)
+    # under a mixture population the guide is the mixture posterior's mean and covariance (the fit,
+    # for the EM, stays the Laplace approximation under the population's Gaussian)
+    guide_fit = under_mixture_population(module, fit, noise_sd(module) ** 2)
+    loc, cov = guide_fit.mean.to(data.signal.dtype), guide_fit.cov.to(data.signal.dtype)
     bad = ~(torch.isfinite(loc).all(-1) & torch.isfinite(cov).flatten(-2).all(-1) & (cov[..., 0, 0] > 0)
             & (cov[..., 0, 0] * cov[..., 1, 1] - cov[..., 0, 1] ** 2 > 0))
     if bad.any():

@@ -21,6 +21,7 @@ evidence under another Gaussian prior follow in closed form (``reweight_laplace`
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -35,12 +36,33 @@ HYPER_LOG_SCALE_SHIFT = -math.log(2.0)
 HYPER_LOG_SCALE_SD = 1.0
 
 
+# Mixture populations (tied): each term's weight has a Dirichlet(TERM_CONCENTRATION) hyperprior, which
+# keeps a term the data do not need at a small weight instead of a degenerate zero.
+TERM_CONCENTRATION = 2.0
+MIXTURE_EM_ITERATIONS = 200
+
+
 @dataclass
 class Population:
-    """Population prior: loc (K, 2) and scale (K, 2) over (log D, log r)."""
+    """Population prior over (log D, log r): the Gaussian loc (K, 2) and scale (K, 2), or, with
+    ``terms`` = (weight, loc, scale), each (K, 2, M), a mixture of M Gaussians per coordinate
+    whose mean and sd are loc and scale."""
 
     loc: torch.Tensor
     scale: torch.Tensor
+    terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def n_terms(self) -> int:
+        return 1 if self.terms is None else self.terms[1].shape[-1]
+
+
+def mixture_moments(weight: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and sd (...) of the mixtures sum_m weight_m N(loc_m, scale_m^2), each (..., M)."""
+    w = weight / weight.sum(-1, keepdim=True)
+    mean = (w * loc).sum(-1)
+    var = (w * (scale ** 2 + (loc - mean[..., None]) ** 2)).sum(-1)
+    return mean, var.sqrt()
 
 
 def base_hyperprior(priors: Priors, k: int, dtype=torch.float64, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +141,98 @@ def reweight_laplace(mean: torch.Tensor, jtj: torch.Tensor, variance: float, log
     return new_mean, cov, new_log_evidence
 
 
+def reweight_mixture(mean: torch.Tensor, jtj: torch.Tensor, variance: float, log_evidence: torch.Tensor,
+                     old: Population, new: Population, has_rate: torch.Tensor):
+    """``reweight_laplace`` to a mixture population ``new`` (``terms`` with M terms per coordinate):
+    the prior is a mixture of the M x M products of a log D term a and a log r term b, and each
+    product's integral is a Laplace evidence in closed form.
+
+    Returns (mean (N, K, M, M, 2), cov (N, K, M, M, 2, 2), log evidence of each term pair with its
+    prior weight, (N, K, M, M), log evidence under the mixture (N, K)). For rate-free components
+    the log r terms sum out (their weights sum to one).
+    """
+    if new.terms is None:
+        m, c, z = reweight_laplace(mean, jtj, variance, log_evidence, old, new, has_rate)
+        return m[:, :, None, None], c[:, :, None, None], z[:, :, None, None], z
+    weight, loc, scale = (t.to(mean) for t in new.terms)
+    n_terms = loc.shape[-1]
+    means, covs, log_z = [], [], []
+    for a in range(n_terms):
+        for b in range(n_terms):
+            pair = Population(torch.stack([loc[:, 0, a], loc[:, 1, b]], -1),
+                              torch.stack([scale[:, 0, a], scale[:, 1, b]], -1))
+            m, c, z = reweight_laplace(mean, jtj, variance, log_evidence, old, pair, has_rate)
+            means.append(m)
+            covs.append(c)
+            log_z.append(z + torch.log(weight[:, 0, a]) + torch.log(weight[:, 1, b]))
+    n, k = mean.shape[:2]
+    shape = (n, k, n_terms, n_terms)
+    pair_log_z = torch.stack(log_z, -1).reshape(shape)
+    return (torch.stack(means, 2).reshape(*shape, 2), torch.stack(covs, 2).reshape(*shape, 2, 2), pair_log_z,
+            torch.logsumexp(pair_log_z.reshape(n, k, -1), dim=-1))
+
+
+def mixture_posterior(mean: torch.Tensor, cov: torch.Tensor, pair_log_z: torch.Tensor):
+    """Mean (N, K, 2) and covariance (N, K, 2, 2) of each (subject, component) posterior under a
+    mixture population, from ``reweight_mixture``'s per-pair posteriors and evidences."""
+    n, k = mean.shape[:2]
+    rho = torch.softmax(pair_log_z.reshape(n, k, -1), dim=-1)[..., None]  # (N, K, P, 1)
+    m = mean.reshape(n, k, -1, 2)
+    centre = (rho * m).sum(2)
+    dev = m - centre[:, :, None]
+    c = (rho[..., None] * (cov.reshape(n, k, -1, 2, 2) + dev[..., :, None] * dev[..., None, :])).sum(2)
+    return centre, c
+
+
+def _em_mixture(mean, jtj, variance, log_evidence, current: Population, start: Population, w: torch.Tensor,
+                priors: Priors, has_rate: torch.Tensor, n_terms: int, update_weights: bool, tolerance: float,
+                n_iter: int = MIXTURE_EM_ITERATIONS):
+    """EM of a tied mixture population (M = ``n_terms`` Gaussians per coordinate) from ``start``
+    (a mixture, or a Gaussian whose terms are spread over its range); see ``em_population``."""
+    dtype, device = mean.dtype, mean.device
+    k = mean.shape[1]
+    m0, s0 = base_hyperprior(priors, k, dtype, device)
+    conc = priors.weights_concentration
+    if start.n_terms == n_terms:
+        weight, loc, scale = (t.to(dtype=dtype, device=device).clone() for t in start.terms)
+    else:  # terms spread over the Gaussian: means at loc +- scale, each a little narrower
+        spread = torch.linspace(-1.0, 1.0, n_terms, dtype=dtype, device=device)
+        loc = start.loc[..., None].to(mean) + start.scale[..., None].to(mean) * spread
+        scale = (start.scale[..., None].to(mean) / 1.5).expand_as(loc).clone()
+        weight = torch.full_like(loc, 1.0 / n_terms)
+    users = {0: list(range(k)), 1: [j for j in range(k) if bool(has_rate[j])]}
+    for _ in range(n_iter):
+        pop = Population(*mixture_moments(weight, loc, scale), (weight, loc, scale))
+        m_new, cov, pair_log_z, log_z = reweight_mixture(mean, jtj, variance, log_evidence, current, pop, has_rate)
+        resp = torch.softmax(torch.log(w) + log_z, dim=1)  # (N, K)
+        if update_weights:
+            w = (resp.sum(0) + conc - 1).clamp_min(1e-6)
+            w = w / w.sum()
+        joint = resp[..., None, None] * torch.softmax(pair_log_z.reshape(*resp.shape, -1), -1).reshape(pair_log_z.shape)
+        new = [weight.clone(), loc.clone(), scale.clone()]
+        for c, rows in users.items():
+            if not rows:
+                continue
+            for t in range(n_terms):
+                pick = (slice(None), rows, t) if c == 0 else (slice(None), rows, slice(None), t)
+                r, mm, vv = joint[pick], m_new[pick][..., c], cov[pick][..., c, c]
+                j = rows[0]
+                mu, u = _map_coordinate(r.reshape(-1), mm.reshape(-1), vv.reshape(-1), float(m0[0, c]),
+                                        float(s0[0, c]), float(loc[j, c, t]), math.log(float(scale[j, c, t])))
+                new[1][:, c, t], new[2][:, c, t] = mu, math.exp(u)
+                new[0][:, c, t] = float(r.sum()) + TERM_CONCENTRATION - 1.0
+            new[0][:, c] = new[0][:, c] / new[0][:, c].sum(-1, keepdim=True)
+        change = max(float((new[1] - loc).abs().max()), float((new[2].log() - scale.log()).abs().max()),
+                     float((new[0] - weight).abs().max()))
+        weight, loc, scale = new
+        if change < tolerance:
+            break
+    pop = Population(*mixture_moments(weight, loc, scale), (weight, loc, scale))
+    log_z = reweight_mixture(mean, jtj, variance, log_evidence, current, pop, has_rate)[3]
+    resp = torch.softmax(torch.log(w) + log_z, dim=1)
+    return pop, w, resp, log_z
+
+
 def _map_coordinate(r: torch.Tensor, m: torch.Tensor, v: torch.Tensor, m0: float, s0: float,
                     loc: float, log_scale: float, n_iter: int = 20) -> tuple[float, float]:
     """MAP (mu, log tau) of one coordinate of one component: responsibilities r (N,), posterior
@@ -145,19 +259,42 @@ def _map_coordinate(r: torch.Tensor, m: torch.Tensor, v: torch.Tensor, m0: float
 def em_population(mean: torch.Tensor, jtj: torch.Tensor, variance: float, log_evidence: torch.Tensor,
                   current: Population, priors: Priors, has_rate: torch.Tensor, weights: torch.Tensor | None = None,
                   n_iter: int = 30, update_weights: bool = True, tolerance: float = 1e-6,
-                  update_population: bool = True, tied: bool = False):
+                  update_population: bool = True, tied: bool = False, n_terms: int = 1):
     """EM for the MAP population prior (and, with ``update_weights``, the MAP mixture weights).
 
-    Inputs are Laplace approximations of every (subject, component) posterior under ``current``
-    (see ``reweight_laplace``). ``tied``: one population of log D shared by all components and one of
-    log r shared by the components with a rate (fitted from every subject, whatever its subtype), so
-    that subtypes differ in mechanism only, not in where their parameters lie. Returns (population,
-    weights (K,), responsibilities (N, K), log evidence (N, K) under the returned population).
+    Inputs are Laplace approximations of every (subject, component) posterior under ``current``'s
+    Gaussian (loc, scale; see ``reweight_laplace``). ``tied``: one population of log D shared by all
+    components and one of log r shared by the components with a rate (fitted from every subject,
+    whatever its subtype), so that subtypes differ in mechanism only, not in where their parameters
+    lie. ``n_terms`` > 1 (tied only): each population is a mixture of that many Gaussians (each
+    term's (mu, log tau) with the Gaussian's hyperprior, the term weights Dirichlet(2)), started from
+    ``current``'s terms when it has as many, else spread over the fitted Gaussian. Returns
+    (population, weights (K,), responsibilities (N, K), log evidence (N, K) under the returned
+    population).
     """
     dtype = torch.float64
     mean, jtj, log_evidence = mean.to(dtype), jtj.to(dtype), log_evidence.to(dtype)
     k = mean.shape[1]
     w = (torch.full((k,), 1.0 / k, dtype=dtype) if weights is None else weights.to(dtype).clone()).to(mean.device)
+    if n_terms > 1 and not tied:
+        raise ValueError("mixture populations (n_terms > 1) are tied")
+    if update_population and n_terms > 1:
+        start = current
+        if current.n_terms != n_terms:  # first the Gaussian, then its terms
+            start, w, _, _ = em_population(mean, jtj, variance, log_evidence, Population(current.loc, current.scale),
+                                           priors, has_rate, w, n_iter, update_weights, tolerance, True, True)
+        return _em_mixture(mean, jtj, variance, log_evidence, current, start, w, priors, has_rate, n_terms,
+                           update_weights, tolerance)
+    if current.n_terms > 1 and not update_population:  # the mixture as it is: weights only
+        pop = current
+        for _ in range(n_iter if update_weights else 0):
+            log_z = reweight_mixture(mean, jtj, variance, log_evidence, current, pop, has_rate)[3]
+            resp = torch.softmax(torch.log(w) + log_z, dim=1)
+            w = (resp.sum(0) + priors.weights_concentration - 1).clamp_min(1e-6)
+            w = w / w.sum()
+        log_z = reweight_mixture(mean, jtj, variance, log_evidence, current, pop, has_rate)[3]
+        return pop, w, torch.softmax(torch.log(w) + log_z, dim=1), log_z
+    current = Population(current.loc, current.scale)
     pop = Population(current.loc.to(dtype).clone(), current.scale.to(dtype).clone())
     m0, s0 = base_hyperprior(priors, k, dtype, mean.device)
     conc = priors.weights_concentration
@@ -189,3 +326,22 @@ def em_population(mean: torch.Tensor, jtj: torch.Tensor, variance: float, log_ev
     m_new, cov, log_z = reweight_laplace(mean, jtj, variance, log_evidence, current, pop, has_rate)
     resp = torch.softmax(torch.log(w) + log_z, dim=1)
     return pop, w, resp, log_z
+
+
+def under_mixture_population(module, fit, variance: float):
+    """``fit`` (a ``laplace.LaplaceFit`` under the Gaussian of ``module``'s population, at
+    observation variance ``variance``) re-weighted to the module's mixture population: log
+    evidence under the mixture, posterior mean and covariance of the resulting mixture of
+    Gaussians (N, K, 2) and (N, K, 2, 2). Unchanged for a Gaussian population."""
+    if module.population_terms == 1:
+        return fit
+    gaussian = Population(module.population_loc.double(), module.population_scale.double())
+    mixture = Population(gaussian.loc, gaussian.scale, (module.population_term_weight.double(),
+                                                        module.population_term_loc.double(),
+                                                        module.population_term_scale.double()))
+    mean, cov, pair_log_z, log_z = reweight_mixture(fit.mean.double(), fit.jtj.double(), variance,
+                                                    fit.log_evidence.double(), gaussian, mixture,
+                                                    fit.has_rate)
+    centre, spread = mixture_posterior(mean, cov, pair_log_z)
+    return dataclasses.replace(fit, mean=centre.to(fit.mean), cov=spread.to(fit.cov),
+                               log_evidence=log_z.to(fit.log_evidence))

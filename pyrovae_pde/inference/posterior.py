@@ -20,12 +20,14 @@ import xarray as xr
 
 from ..data.cohort import CohortTensors
 from ..errors import InputError
+from ..model.likelihood import NOISE_FLOOR
 from ..model.module import MixturePDE
 from . import distributed as ddp
 from . import particles
 from .encoding import GuideSummary, encode_cohort, global_means  # noqa: F401 (re-exported)
 from .laplace import laplace_fit, pooled_residual_variance
 from .marginal import component_log_evidence
+from .population import under_mixture_population
 from .prior_check import prior_conflict
 
 Z90 = 1.6448536269514722  # standard-normal quantile of 0.95
@@ -98,6 +100,8 @@ def refined_fit(module: MixturePDE, data: CohortTensors, noise: torch.Tensor, n_
     guide = encode_cohort(module, data.to(data.signal.device, next(module.parameters()).dtype))
     fit = laplace_fit(module, data, float(particles.observation_sd(noise)), n_iter=n_iter,
                       hessian_noise_sd="least_squares", two_level=True, start=guide, share=share)
+    fit = under_mixture_population(module, fit, (pooled_residual_variance(fit.sse, fit.n_obs, share) or 0.0)
+                                   + NOISE_FLOOR ** 2)
     if not n_particles:
         return RefinedFit(fit, guide, fit.log_evidence.cpu())
     proposal = dataclasses.replace(particles.guide_proposal(module, data, guide),

@@ -31,7 +31,7 @@ import torch
 
 from ..data.cohort import CohortTensors
 from ..errors import InputError
-from ..model.likelihood import gaussian_log_likelihood, normal_log_density
+from ..model.likelihood import gaussian_log_likelihood
 from ..model.module import MixturePDE
 from .laplace import LaplaceFit
 
@@ -53,10 +53,8 @@ def hermite_rule(order: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 def log_prior(module: MixturePDE, a: torch.Tensor, b: torch.Tensor, has_rate: torch.Tensor) -> torch.Tensor:
     """log p(theta) under the module's population prior of (log D, log r): a, b (..., K); b ignored
     where there is no rate."""
-    la, sa, lb, sb = module.prior_terms(a.dtype, a.device)
-    out = normal_log_density(a, la, sa)
-    rate = normal_log_density(b, lb, sb)
-    return out + torch.where(has_rate, rate, torch.zeros_like(rate))
+    out, rate = module.population_log_prob(a, b)
+    return out + torch.where(has_rate.to(a.device), rate, torch.zeros_like(rate))
 
 
 def node_sse(module: MixturePDE, data: CohortTensors, d: torch.Tensor, r: torch.Tensor,

@@ -104,8 +104,16 @@ def simulate_cohort(module: MixturePDE, reference: CohortTensors, n_simulations:
     sd = float(observation_sd(noise))
     subtype = torch.multinomial(weights.double(), n_simulations, replacement=True, generator=generator)
     source = torch.randint(0, reference.n_subjects, (n_simulations,), generator=generator)
-    loc, scale = module.population_loc.to(dtype), module.population_scale.to(dtype)
-    theta = loc[subtype] + scale[subtype] * torch.randn(n_simulations, 2, generator=generator, dtype=dtype)
+    if module.population_terms == 1:
+        loc, scale = module.population_loc.to(dtype), module.population_scale.to(dtype)
+        theta = loc[subtype] + scale[subtype] * torch.randn(n_simulations, 2, generator=generator, dtype=dtype)
+    else:  # a draw of every component's population, kept for the subject's subtype
+        log_d, log_r = module.draw_population(n_simulations, dtype, generator=generator)
+        rows = torch.arange(n_simulations)
+        rate_col = torch.tensor([module.rate_index.index(k) if k in module.rate_index else 0
+                                 for k in range(module.n_components)])
+        theta = torch.stack([log_d[rows, subtype], log_r[rows, rate_col[subtype]] if log_r is not None
+                             else torch.zeros(n_simulations, dtype=dtype)], -1)
     has_rate = torch.tensor([t.has_rate for t in module.terms])
     theta[~has_rate[subtype], 1] = torch.nan
     u0 = reference.signal[source, 0].to(dtype)

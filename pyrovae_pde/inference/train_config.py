@@ -35,6 +35,9 @@ class TrainConfig:
     distill_steps: int = 200
     learn_population: bool = True  # empirical-Bayes population priors (population.py); False: the base priors
     tie_population: bool = True  # one learned population per parameter, shared by all subtypes
+    # Gaussians per coordinate of a tied population (a mixture follows skewed or bounded parameter
+    # distributions; benchmarks/RESULTS.md, "Training"); per-subtype populations are one Gaussian
+    population_terms: int = 3
     validation_draws: int = 4
     min_epochs: int = 3
     plateau_window: int = 3
@@ -51,7 +54,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.guide not in GUIDES:
             raise InputError(f"guide must be one of {GUIDES}, got {self.guide!r}")
-        for name in ("epochs", "batch_size", "restarts", "plateau_window"):
+        for name in ("epochs", "batch_size", "restarts", "plateau_window", "population_terms"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0 or not self.encoder_learning_rate > 0:

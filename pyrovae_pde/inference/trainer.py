@@ -240,15 +240,17 @@ class Trainer:
             with torch.no_grad():
                 conc = m.weights_concentration().double()
             weights = conc / conc.sum()
-        current = Population(m.population_loc.double(), m.population_scale.double())
+        current = Population(m.population_loc.double(), m.population_scale.double(),
+                             None if m.population_terms == 1 else
+                             (m.population_term_weight, m.population_term_loc, m.population_term_scale))
+        tied = self.config.tie_population
         pop, weights, resp, _ = em_population(fit.mean[:n_tr], fit.jtj[:n_tr], variance, fit.log_evidence[:n_tr],
                                               current, m.priors, fit.has_rate, weights=weights.to(fit.mean.device),
                                               n_iter=n_iter, update_weights=update_weights,
-                                              update_population=self.config.learn_population,
-                                              tied=self.config.tie_population)
+                                              update_population=self.config.learn_population, tied=tied,
+                                              n_terms=self.config.population_terms if tied else 1)
         with torch.no_grad():
-            m.population_loc.copy_(pop.loc.to(m.population_loc))
-            m.population_scale.copy_(pop.scale.to(m.population_scale))
+            m.set_population(pop.loc, pop.scale, pop.terms)
             m.population_learned.fill_(self.config.learn_population)
             m.population_tied.fill_(self.config.learn_population and self.config.tie_population)
             if update_weights:  # q(w) = Dirichlet(c + sum_i p(subtype_i = k | x_i)): the collapsed model's update
@@ -322,6 +324,9 @@ class Trainer:
                 self.last_fit = joined
             record["population_loc"] = self.module.population_loc.tolist()
             record["population_scale"] = self.module.population_scale.tolist()
+            if self.module.population_terms > 1:  # (K, 2, M): weight, loc, scale of each term
+                for name in ("population_term_weight", "population_term_loc", "population_term_scale"):
+                    record[name] = getattr(self.module, name).tolist()
         validation = self.n_val > 0  # else the training subjects stand in
         data, rows = (self.val_data, self.val_rows) if validation else (d, self.train_rows)
         share = ddp.Share(rows, self.n_val if validation else self.n_train) if self.world > 1 else None

@@ -44,6 +44,10 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="tied (default): one population of D (and one of r) learned from the cohort under the base "
                         "priors and shared by every mechanism, so subtypes differ in mechanism only; learned: each "
                         "mechanism's own population of D and r; fixed: the base priors themselves")
+    p.add_argument("--population-terms", type=at_least(1), default=TrainConfig.population_terms,
+                   help="Gaussians in each tied population of log D and log r (default "
+                        f"{TrainConfig.population_terms}: a mixture that can follow a skewed or bounded distribution "
+                        "of parameters; 1: a single Gaussian, needed by compare --evidence-population learned)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--prior", action="append", metavar="NAME=LO,HI",
@@ -76,6 +80,7 @@ def fit_model(ds, components, args, out: Path | None, source: str):
                   restarts=args.restarts, progress=show_progress() and lead,
                   learn_population=getattr(args, "population_prior", "tied") in ("learned", "tied"),
                   tie_population=getattr(args, "population_prior", "tied") == "tied",
+                  population_terms=getattr(args, "population_terms", TrainConfig.population_terms),
                   **({"distributed": True} if distributed else {}))
         if out is not None and lead:
             model.save(out)

@@ -4,13 +4,15 @@ Generative model, for subjects i = 1..N and components k = 1..K::
 
     weights          ~ Dirichlet(c * 1_K)                                  # (K,)
     noise_scale      ~ LogNormal(log(noise_median), noise_log_sd)          # ()  inferred, not fixed
-    diffusivity[k,i] ~ LogNormal(prior_D)                                  # (K, N)
-    reaction[k,i]    ~ LogNormal(prior_r)   for components with a rate     # (K_r, N)
+    diffusivity[k,i] ~ population_D(k)                                     # (K, N)
+    reaction[k,i]    ~ population_r(k)      for components with a rate     # (K_r, N)
     subtype[i]       ~ Categorical(weights)                                # enumerated, summed out
     signal[i, j]     ~ Normal(u_k(t_ij), sqrt(noise_scale^2 + NOISE_FLOOR^2)),  k = subtype[i],
                        j >= 1 observed visits
 
-where u_k solves du/dt = -D L u + r f_k(u) from the subject's first visit. The guide is amortized:
+where u_k solves du/dt = -D L u + r f_k(u) from the subject's first visit. A population prior is
+a LogNormal per coordinate, or a mixture of M LogNormals (``population_term_*``, the tied default
+after training: a single Gaussian in log space cannot follow a skewed or bounded distribution). The guide is amortized:
 an encoder maps all visits of a subject to LogNormal posteriors of every component's D and r.
 The subtype is never sampled by the guide: TraceEnum_ELBO marginalises it exactly, and its
 posterior given the continuous draws is available in closed form (``log_responsibilities``).
@@ -32,11 +34,12 @@ from ..errors import InputError
 from ..physics import Domain, get_reaction, solve_active
 from ..physics.solvers import DEFAULT_INITIAL_REACTION_STEP, DEFAULT_REACTION_STEP, SolverSettings
 from .encoders import GraphEncoder, GridEncoder, PosteriorHead
-from .likelihood import gaussian_log_likelihood, observation_sd
+from .likelihood import gaussian_log_likelihood, normal_log_density, observation_sd
 from .priors import Priors
 
 SUBJECT_DIM = -1
 COMPONENT_DIM = -2
+_TERM_BUFFERS = ("population_term_weight", "population_term_loc", "population_term_scale")
 MAX_PLATE_NESTING = 2
 # Caps the Strang steps per visit interval: only wild guide draws early in training (r*dt far
 # beyond the prior) reach it; their fields are saturated and their likelihood negligible anyway.
@@ -111,6 +114,10 @@ class MixturePDE(nn.Module):
         # the base priors are its hyperprior.
         self.register_buffer("population_loc", self._base_population()[0])
         self.register_buffer("population_scale", self._base_population()[1])
+        # The same prior as a mixture of M Gaussians per coordinate, (K, 2, M) each: weight, loc, scale.
+        # population_loc/scale are then its mean and sd (the Gaussian that searches use as prior).
+        for name, value in zip(_TERM_BUFFERS, self._single_terms(*self._base_population())):
+            self.register_buffer(name, value)
         self.register_buffer("population_learned", torch.tensor(False))  # True once fitted by EM
         # True: one population of log D for all components and one of log r for those with a rate
         self.register_buffer("population_tied", torch.tensor(False))
@@ -126,6 +133,81 @@ class MixturePDE(nn.Module):
         scale = torch.tensor([[p.diffusivity.scale, p.reaction.scale]] * self.n_components)
         return loc, scale
 
+    @staticmethod
+    def _single_terms(loc: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.ones_like(loc)[..., None], loc[..., None].clone(), scale[..., None].clone()
+
+    @property
+    def population_terms(self) -> int:
+        """M, the number of Gaussian terms of each population prior (1: a Gaussian)."""
+        return self.population_term_loc.shape[-1]
+
+    def set_population(self, loc: torch.Tensor, scale: torch.Tensor,
+                       terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Set the population priors: the Gaussian ``loc``, ``scale`` (K, 2), or with ``terms``
+        (weight, loc, scale), each (K, 2, M), the mixture whose mean and sd are ``loc``, ``scale``."""
+        with torch.no_grad():
+            self.population_loc.copy_(loc.to(self.population_loc))
+            self.population_scale.copy_(scale.to(self.population_scale))
+            values = self._single_terms(loc, scale) if terms is None else terms
+            for name, value in zip(_TERM_BUFFERS, values):
+                setattr(self, name, value.detach().to(self.population_loc).clone())
+
+    def population_log_prob(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log densities of log D = a and log r = b, each (..., K), under every component's
+        population prior: (log p(a) (..., K), log p(b) (..., K)); b of rate-free components is
+        scored against their (unused) log r column."""
+        out = []
+        for c, x in enumerate((a, b)):
+            if self.population_terms == 1:
+                loc, scale = self.population_loc[:, c].to(x), self.population_scale[:, c].to(x)
+                out.append(normal_log_density(x, loc, scale))
+                continue
+            w, loc, scale = (getattr(self, n)[:, c].to(x) for n in _TERM_BUFFERS)  # (K, M)
+            out.append(torch.logsumexp(torch.log(w) + normal_log_density(x[..., None], loc, scale), dim=-1))
+        return out[0], out[1]
+
+    def _population_site(self, rows, coordinate: int, like: torch.Tensor) -> dist.Distribution:
+        """The population prior of D (coordinate 0) or r (1) of components ``rows`` as a
+        distribution of batch shape (len(rows), 1): LogNormal, or a mixture of LogNormals."""
+        if self.population_terms == 1:
+            loc = self.population_loc[rows, coordinate:coordinate + 1].to(like)
+            return dist.LogNormal(loc, self.population_scale[rows, coordinate:coordinate + 1].to(like))
+        w, loc, scale = (getattr(self, n)[rows, coordinate, None].to(like) for n in _TERM_BUFFERS)  # (R, 1, M)
+        mixture = dist.MixtureSameFamily(dist.Categorical(probs=w), dist.Normal(loc, scale))
+        return dist.TransformedDistribution(mixture, [dist.transforms.ExpTransform()])
+
+    def draw_population(self, batch: int, dtype: torch.dtype, device=None,
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log D (B, K), log r (B, K_r) or None) drawn from every component's population prior.
+        The random numbers come in a fixed order (standard normals for D, for r, then uniforms
+        picking mixture terms), so that every process drawing a batch draws the same values."""
+        def normal(*shape):
+            return torch.randn(*shape, dtype=dtype, device=device, generator=generator)
+
+        ri = self.rate_index
+        eps = [normal(batch, self.n_components), normal(batch, len(ri)) if ri else None]
+        picks = [None, None]
+        if self.population_terms > 1:
+            picks = [torch.rand(batch, self.n_components, dtype=dtype, device=device, generator=generator),
+                     torch.rand(batch, len(ri), dtype=dtype, device=device, generator=generator) if ri else None]
+        out = []
+        for c, rows in enumerate((list(range(self.n_components)), ri)):
+            if eps[c] is None:
+                out.append(None)
+                continue
+            w, loc, scale = (getattr(self, n)[rows, c].to(dtype=dtype, device=device) for n in _TERM_BUFFERS)
+            if picks[c] is None:
+                term = torch.zeros_like(eps[c], dtype=torch.long)
+            else:  # inverse CDF of the term weights, (B, R)
+                cdf = torch.cumsum(w, dim=-1)
+                term = (picks[c][..., None] * cdf[:, -1:] > cdf).sum(-1).clamp_max(self.population_terms - 1)
+            index = term[..., None]  # (B, R, 1)
+            chosen_loc = torch.gather(loc.expand(batch, *loc.shape), 2, index)[..., 0]
+            chosen_scale = torch.gather(scale.expand(batch, *scale.shape), 2, index)[..., 0]
+            out.append(chosen_loc + chosen_scale * eps[c])
+        return out[0], out[1]
+
     def submodel(self, subset: Sequence[int]) -> "MixturePDE":
         """The mixture of the components ``subset`` only: same domain, priors and solver settings,
         those components' population priors, the noise scale, the weights' concentrations of those
@@ -136,8 +218,8 @@ class MixturePDE(nn.Module):
                          initial_reaction_step=self.initial_reaction_step,
                          encoder_stem_voxels=self.encoder_stem_voxels).to(self.noise_loc)
         with torch.no_grad():
-            sub.population_loc.copy_(self.population_loc[subset])
-            sub.population_scale.copy_(self.population_scale[subset])
+            sub.set_population(self.population_loc[subset], self.population_scale[subset],
+                               tuple(getattr(self, n)[subset] for n in _TERM_BUFFERS))
             sub.population_learned.copy_(self.population_learned)
             sub.population_tied.copy_(self.population_tied)
             sub.weights_log_concentration.copy_(self.weights_log_concentration[subset])
@@ -210,15 +292,13 @@ class MixturePDE(nn.Module):
         weights = pyro.sample("weights", dist.Dirichlet(concentration))  # (K,)
         noise = pyro.sample("noise_scale", dist.LogNormal(math.log(p.noise_median) * one, p.noise_log_sd * one))  # ()
         subjects, components, rates = self._plates(n_total, batch, index, device)
-        loc, scale = self.population_loc.to(signal), self.population_scale.to(signal)  # (K, 2)
         with subjects:
             with components:
-                diffusivity = pyro.sample("diffusivity", dist.LogNormal(loc[:, :1], scale[:, :1]))  # (K, B)
+                diffusivity = pyro.sample("diffusivity", self._population_site(slice(None), 0, signal))  # (K, B)
             reaction = None
             if self.rate_index:
-                ri = self.rate_index
                 with rates:
-                    reaction = pyro.sample("reaction", dist.LogNormal(loc[ri, 1:], scale[ri, 1:]))  # (K_r, B)
+                    reaction = pyro.sample("reaction", self._population_site(self.rate_index, 1, signal))  # (K_r, B)
             fields = self.predict(signal[:, 0], times, diffusivity.T, None if reaction is None else reaction.T)
             fields = fields.transpose(0, 1)  # (K, B, T, n)
             subtype = pyro.sample("subtype", dist.Categorical(weights),
@@ -280,6 +360,11 @@ class MixturePDE(nn.Module):
             state_dict[prefix + "weights_log_concentration"] = torch.log(softplus(old) + 1e-3)
         for name, value in zip(("population_loc", "population_scale"), self._base_population()):
             state_dict.setdefault(prefix + name, value)  # before 0.2 the priors were not learned
+        singles = self._single_terms(state_dict[prefix + "population_loc"], state_dict[prefix + "population_scale"])
+        for name, value in zip(_TERM_BUFFERS, singles):
+            state_dict.setdefault(prefix + name, value)  # runs before mixture populations: one term
+            # the number of terms M is the saved run's
+            setattr(self, name, torch.empty_like(state_dict[prefix + name]).to(self.population_loc))
         state_dict.setdefault(prefix + "population_learned", torch.tensor(False))
         state_dict.setdefault(prefix + "population_tied", torch.tensor(False))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -303,16 +388,9 @@ class MixturePDE(nn.Module):
         u0 (B, n), times (B, T), observed (B, T) -> signal (B, K, T, n) (noise on later visits,
         zero at missing visits), diffusivity (B, K), reaction (B, K_r) drawn from the priors.
         """
-        batch = u0.shape[0]
-        loc, scale = self.population_loc.to(u0), self.population_scale.to(u0)
         with torch.no_grad():
-            diffusivity = torch.exp(loc[:, 0] + scale[:, 0] * torch.randn(batch, self.n_components,
-                                                                          dtype=u0.dtype, device=u0.device))
-            reaction = None
-            if self.rate_index:
-                ri = self.rate_index
-                reaction = torch.exp(loc[ri, 1] + scale[ri, 1] * torch.randn(
-                    batch, len(ri), dtype=u0.dtype, device=u0.device))
+            log_d, log_r = self.draw_population(u0.shape[0], u0.dtype, u0.device)
+            diffusivity, reaction = torch.exp(log_d), None if log_r is None else torch.exp(log_r)
             fields = self.simulate_fields(u0, times, diffusivity, reaction)  # (B, K, T, n)
             fields[:, :, 1:] += noise * torch.randn_like(fields[:, :, 1:])
             fields = fields * observed[:, None, :, None]
@@ -379,9 +457,7 @@ class MixturePDE(nn.Module):
                     layer.reset_parameters()
             self.encoder.head.reset_output_layer()
         with torch.no_grad():
-            loc, scale = self._base_population()
-            self.population_loc.copy_(loc)
-            self.population_scale.copy_(scale)
+            self.set_population(*self._base_population())
             self.population_learned.fill_(False)
             self.population_tied.fill_(False)
             self.weights_log_concentration.fill_(math.log(10.0))
