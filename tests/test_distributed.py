@@ -28,8 +28,10 @@ QUICK = dict(progress=False, warmup_sleep_steps=50, distill_steps=50, seed=0, ba
 # refinement stops its iterations when no subject of its batch (the rank's part, not the global batch)
 # still gains. The random numbers are the same (drawn for the whole global batch on every rank). Adam
 # and the ~150 encoder steps amplify those last-bit differences in the encoder's weights (measured
-# 1.2e-4 at most, weights up to 0.4), not in the globals (0 noise and weights, 4e-6 population priors), so:
-TOL = {"encoder": dict(rtol=0, atol=1e-3), "globals": dict(rtol=1e-4, atol=1e-4)}
+# 1.2e-4 at most with Gaussian populations, 1.0e-3 on 1 of 65,536 weights with mixture populations, whose
+# guide moves with each term's responsibilities; weights up to 0.4), not in the globals (0 noise and
+# weights, 4e-6 population priors), so:
+TOL = {"encoder": dict(rtol=0, atol=2e-3), "globals": dict(rtol=1e-4, atol=1e-4)}
 ELBO_RTOL = {"train_elbo": 1e-4, "val_elbo": 1e-4, "val_elbo_amortized": 1e-2}  # measured 6e-6, 2e-6, 4.3e-3
 
 

@@ -168,7 +168,7 @@ def test_a_component_no_subject_uses_gives_a_finite_evidence():
     evidences that agree within 3 SE, no coordinate wider than its hyperprior."""
     ds = simulate("graph", 100, seed=1000, noise_sd=0.02, components=("fisher_kpp",))
     model = SubtypeModel("fisher_kpp,diffusion", priors={"diffusivity": (0.05, 1.0), "reaction": (0.1, 1.0)})
-    model.fit(ds, seed=0, progress=False)
+    model.fit(ds, seed=0, progress=False, population_terms=1)  # Gaussian populations: integrated
     with torch.no_grad():
         stats = quadrature_stats(model.module_, model.tensors(ds, "test"))
     estimates = []
@@ -209,7 +209,7 @@ def test_compare_names_diffusion_on_diffusion_data_with_a_wide_spread_of_d():
     from pyrovae_pde import compare
 
     ds = simulate("graph", 100, seed=2001, noise_sd=0.05, components=("diffusion",))
-    models = {name: SubtypeModel(name).fit(ds, seed=0, progress=False)
+    models = {name: SubtypeModel(name).fit(ds, seed=0, progress=False, population_terms=1)  # learned: Gaussian
               for name in ("diffusion", "fisher_kpp,diffusion")}
     result = compare(models, ds, n_draws=200, folds=2, elbo_draws=0)
     table = result.table.set_index("model")
