@@ -94,6 +94,10 @@ def model_evidence(module: MixturePDE, data: CohortTensors, method: str = "quadr
     ``"importance"`` (``n_particles`` draws per subject and component from Laplace proposals;
     ``keep_fields`` keeps their solutions for predictive draws). ``stats``: the per-subject
     integrals, if already computed (e.g. ``share_integrals``) under the module's fixed priors.
+    Learned Gaussian populations are integrated with the globals; mixture populations
+    (``population_terms`` > 1) are held at their fitted values (an empirical-Bayes evidence, which
+    omits their terms' Occam factor: rank models with ``comparison.compare_models``, under the
+    base priors).
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")

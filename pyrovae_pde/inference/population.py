@@ -14,6 +14,14 @@ subjects the data decide; an unused component keeps about the base prior. This m
 decision and the model evidence depend little on the user's guess of the ranges (the base prior
 only has to contain the populations).
 
+A tied population can also be a mixture of M Gaussians per coordinate (``Population.terms``,
+``MixturePDE.population_term_*``; each term's (mu, log tau) with the hyperprior above, the term
+weights Dirichlet(``TERM_CONCENTRATION``)): the prior of (log D, log r) is then a mixture of the
+M x M products of terms, and every integral under it a log-sum-exp of closed forms
+(``reweight_mixture``). A single Gaussian cannot follow a skewed or bounded distribution (D
+uniform on a linear scale is skewed in log D, with a sharp upper edge); on the paper grid that
+misfit cost accuracy and calibration (benchmarks/RESULTS.md).
+
 ``em_population`` is the EM algorithm for the MAP hyperparameters (and mixture weights) given
 per-(subject, component) Laplace approximations. Changing the prior of a Laplace approximation
 needs no new PDE solve: the likelihood is Gaussian to the same order, so the posterior and the
