@@ -282,11 +282,18 @@ def subset_evidence(module: MixturePDE, data: CohortTensors, n_draws: int = 200,
     """Evidence of every non-empty subset of the fitted components (the paper's subset comparison),
     each as its own sub-model (``submodel_evidence``); ``full``: the model's own evidence, if
     already computed. Returns a ``pandas.DataFrame`` sorted by evidence (subset, n_components,
-    log_evidence, log_evidence_se, rank)."""
+    log_evidence, log_evidence_se, rank). A module with mixture populations, which the evidence
+    does not integrate (see ``model_evidence``), is compared under its base priors, as ``compare``
+    does by default (``full`` is then ignored)."""
     import itertools
 
     import pandas as pd
 
+    from .population import base_hyperprior
+
+    if module.population_terms > 1:
+        base = base_hyperprior(module.priors, module.n_components)
+        module, full = with_population(module, *base, learned=False), None
     k = module.n_components
     full = full or model_evidence(module, data, n_draws=n_draws, seed=seed, elbo_repeats=0)
     rows = []

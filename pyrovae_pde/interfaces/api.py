@@ -207,7 +207,8 @@ class SubtypeModel:
         ``"importance"`` (``n_particles`` Laplace-proposal draws per subject and component;
         ``keep_fields=True`` keeps their solutions, for ``check``/``forecast``/``to_inference_data``);
         ``n_draws`` posterior draws of the globals; ``elbo_repeats`` draws of the ELBO (0: skipped).
-        See ``inference.evidence.model_evidence``.
+        Mixture populations (the default fit) are held at their fitted values, not integrated: to
+        rank models use ``compare`` (base priors). See ``inference.evidence.model_evidence``.
         """
         from ..inference.evidence import model_evidence
 
