@@ -225,8 +225,11 @@ def _em_mixture(mean, jtj, variance, log_evidence, current: Population, start: P
                 pick = (slice(None), rows, t) if c == 0 else (slice(None), rows, slice(None), t)
                 r, mm, vv = joint[pick], m_new[pick][..., c], cov[pick][..., c, c]
                 j = rows[0]
+                # a term no wider than the base prior: a wider one only gathers the subjects this
+                # mechanism cannot fit, whose quadratic approximations extrapolate far off the mode
                 mu, u = _map_coordinate(r.reshape(-1), mm.reshape(-1), vv.reshape(-1), float(m0[0, c]),
-                                        float(s0[0, c]), float(loc[j, c, t]), math.log(float(scale[j, c, t])))
+                                        float(s0[0, c]), float(loc[j, c, t]), math.log(float(scale[j, c, t])),
+                                        max_log_scale=math.log(float(s0[0, c])))
                 new[1][:, c, t], new[2][:, c, t] = mu, math.exp(u)
                 new[0][:, c, t] = float(r.sum()) + TERM_CONCENTRATION - 1.0
             new[0][:, c] = new[0][:, c] / new[0][:, c].sum(-1, keepdim=True)
@@ -242,15 +245,19 @@ def _em_mixture(mean, jtj, variance, log_evidence, current: Population, start: P
 
 
 def _map_coordinate(r: torch.Tensor, m: torch.Tensor, v: torch.Tensor, m0: float, s0: float,
-                    loc: float, log_scale: float, n_iter: int = 20) -> tuple[float, float]:
+                    loc: float, log_scale: float, n_iter: int = 20,
+                    max_log_scale: float | None = None) -> tuple[float, float]:
     """MAP (mu, log tau) of one coordinate of one component: responsibilities r (N,), posterior
     means m and variances v (N,) under the current prior; alternating closed-form mu and Newton
-    steps in u = log tau on sum_i r_i E[log N(theta_i | mu, tau^2)] + log hyperprior."""
+    steps in u = log tau on sum_i r_i E[log N(theta_i | mu, tau^2)] + log hyperprior; log tau at
+    most ``max_log_scale`` if given."""
     big_r = float(r.sum())
     u0 = math.log(s0) + HYPER_LOG_SCALE_SHIFT
     # The MAP stays within a few hyperprior sds: a misspecified component's modes can pile up at
     # the edges of the search range, and its Laplace approximations are then no guide to the spread.
     u_lo, u_hi = u0 - 3 * HYPER_LOG_SCALE_SD, u0 + 2 * HYPER_LOG_SCALE_SD
+    if max_log_scale is not None:
+        u_hi = min(u_hi, max_log_scale)
     mu, u = loc, min(max(log_scale, u_lo), u_hi)
     for _ in range(n_iter):
         tau2 = math.exp(2 * u)
@@ -351,5 +358,15 @@ def under_mixture_population(module, fit, variance: float):
                                                     fit.log_evidence.double(), gaussian, mixture,
                                                     fit.has_rate)
     centre, spread = mixture_posterior(mean, cov, pair_log_z)
+    # The closed forms extrapolate the likelihood's quadratic approximation at the Gaussian's mode;
+    # where that lands outside the parameter range the model solves over (a subject this mechanism
+    # cannot fit, whose likelihood is flat or one-sided), keep the Gaussian's approximation.
+    a, b = module.clamp_theta(centre[..., 0], centre[..., 1])
+    has_rate = fit.has_rate.to(centre.device)
+    off = (a != centre[..., 0]) | ((b != centre[..., 1]) & has_rate) | ~torch.isfinite(log_z)
+    off = off | ~torch.isfinite(spread).flatten(-2).all(-1)
+    centre = torch.where(off[..., None], fit.mean.double(), centre)
+    spread = torch.where(off[..., None, None], fit.cov.double(), spread)
+    log_z = torch.where(off, fit.log_evidence.double(), log_z)
     return dataclasses.replace(fit, mean=centre.to(fit.mean), cov=spread.to(fit.cov),
                                log_evidence=log_z.to(fit.log_evidence))
