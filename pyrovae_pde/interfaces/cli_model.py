@@ -47,7 +47,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--population-terms", type=at_least(1), default=TrainConfig.population_terms,
                    help="Gaussians in each tied population of log D and log r (default "
                         f"{TrainConfig.population_terms}: a mixture that can follow a skewed or bounded distribution "
-                        "of parameters; 1: a single Gaussian, needed by compare --evidence-population learned)")
+                        "of parameters; 1: a single Gaussian, needed by compare --evidence-population learned; "
+                        "per-mechanism populations, --population-prior learned, are single Gaussians)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--prior", action="append", metavar="NAME=LO,HI",
