@@ -188,3 +188,51 @@ def test_learned_population_comparison_refuses_a_mixture_population():
     data = cohort_tensors(ds, module.domain).to("cpu", F64)
     with pytest.raises(InputError, match="--population-terms 1"):
         compare_models({"mixture": [FittedRun(module, data, True)]}, population="learned")
+
+
+def test_a_mixture_term_is_no_wider_than_the_base_prior_and_wild_extrapolations_fall_back():
+    """Regression (tutorial 02: a diffusion-only fit of mixture data diverged): subjects a mechanism
+    cannot fit have scattered modes, and the mixture EM gave them a term wider than the base prior
+    (4.0 base sds here without the cap); and a subject whose likelihood is nearly flat had its
+    closed-form mixture posterior extrapolated far outside the parameter range, where every guide
+    draw failed. Now each term's sd is at most the base prior's, and such a (subject, mechanism)
+    keeps the Gaussian's Laplace approximation while the others get the mixture's."""
+    rng = np.random.default_rng(5)
+    theta = np.concatenate([np.stack([rng.normal(-1, 0.3, 300), rng.normal(-3, 0.2, 300)], 1),
+                            np.stack([rng.uniform(-9, 5, 40), rng.normal(-3, 0.2, 40)], 1)])
+    priors = Priors(LogNormalPrior(0.01, 10.0), LogNormalPrior(0.001, 1.0))
+    base = Population(torch.tensor([[priors.diffusivity.loc, priors.reaction.loc]], dtype=F64),
+                      torch.tensor([[priors.diffusivity.scale, priors.reaction.scale]], dtype=F64))
+    mean, jtj, log_z = _precise_fits(theta, base, 1)
+    pop, *_ = em_population(mean, jtj, 1.0, log_z, base, priors, torch.tensor([True]), n_iter=50, tied=True,
+                            n_terms=3)
+    assert float(pop.terms[2][0, 0].max()) <= priors.diffusivity.scale * (1 + 1e-9)
+    assert float(pop.terms[2][0, 1].max()) <= priors.reaction.scale * (1 + 1e-9)
+
+    # two subjects: a precise one (likelihood centre -1, precision 100) and a nearly flat one (centre
+    # -300, precision 0.01: one-sided in practice), Laplace fits under the mixture's Gaussian (sd 0.85),
+    # then re-weighted to the mixture, whose wide rare term (sd 3 at -2) pulls the flat one to about -26
+    weight, loc, scale = (torch.tensor([[[0.95, 0.05], [1.0, 1e-9]]], dtype=F64),
+                          torch.tensor([[[0.0, -2.0], [0.0, 0.0]]], dtype=F64),
+                          torch.tensor([[[0.3, 3.0], [1.0, 1.0]]], dtype=F64))
+    g_loc, g_scale = mixture_moments(weight, loc, scale)
+    lam, centre = torch.tensor([100.0, 0.01], dtype=F64), torch.tensor([-1.0, -300.0], dtype=F64)
+    prec = lam + g_scale[0, 0] ** -2
+    mode = (lam * centre + g_loc[0, 0] * g_scale[0, 0] ** -2) / prec  # (2,)
+    r_var = 1 / (100.0 + g_scale[0, 1] ** -2)
+    fit = LaplaceFit(torch.stack([mode, torch.zeros(2, dtype=F64)], -1)[:, None],
+                     torch.diag_embed(torch.stack([1 / prec, torch.full((2,), float(r_var), dtype=F64)], -1))[:, None],
+                     torch.tensor([[-5.0], [-400.0]], dtype=F64), torch.zeros(2, 1, dtype=F64),
+                     torch.ones(2, dtype=F64), torch.tensor([True]),
+                     torch.stack([lam, torch.zeros(2, dtype=F64), torch.full((2,), 100.0, dtype=F64)], -1)[:, None])
+    module = SimpleNamespace(population_terms=2, population_loc=g_loc, population_scale=g_scale,
+                             population_term_weight=weight, population_term_loc=loc, population_term_scale=scale,
+                             clamp_theta=lambda a, b: (a.clamp(-6.0, 4.0), b.clamp(-6.0, 4.0)))
+    unguarded = under_mixture_population(SimpleNamespace(**{**vars(module), "clamp_theta": lambda a, b: (a, b)}),
+                                         fit, 1.0)
+    assert float(unguarded.mean[1, 0, 0]) < -20.0  # what the closed form alone gives
+    out = under_mixture_population(module, fit, 1.0)
+    assert torch.equal(out.mean[1], fit.mean[1]) and torch.equal(out.cov[1], fit.cov[1])
+    assert torch.equal(out.log_evidence[1], fit.log_evidence[1])
+    assert not torch.equal(out.mean[0], fit.mean[0]) and -6.0 < float(out.mean[0, 0, 0]) < 4.0
+    assert torch.isfinite(out.log_evidence).all()
