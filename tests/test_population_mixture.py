@@ -65,13 +65,13 @@ def test_mixture_evidence_and_posterior_equal_a_dense_grid():
                                               [(p * (a - ma) * (b - mb)).sum(), (p * (b - mb) ** 2).sum()]]))
     fit = LaplaceFit(torch.tensor(np.array(means))[:, None], torch.tensor(np.array(covs))[:, None],
                      torch.tensor(log_z_old)[:, None], torch.zeros(3, 1, dtype=F64), torch.ones(3, dtype=F64),
-                     torch.tensor([True]), torch.tensor(jtj)[:, None])
+                     torch.tensor([True]), torch.tensor(jtj)[:, None], variance=variance)
     module = SimpleNamespace(population_terms=3, population_loc=g_loc[None], population_scale=g_scale[None],
                              population_term_weight=torch.tensor(weight)[None],
                              population_term_loc=torch.tensor(loc)[None],
                              population_term_scale=torch.tensor(scale)[None],
                              clamp_theta=lambda a, b: (a.clamp(-20, 10), b.clamp(-20, 10)))
-    out = under_mixture_population(module, fit, variance)
+    out = under_mixture_population(module, fit)
     for i, (log_z, mean, cov) in enumerate(ref):
         assert float(out.log_evidence[i, 0]) == pytest.approx(log_z, abs=1e-6)
         np.testing.assert_allclose(out.mean[i, 0].numpy(), mean, atol=1e-6)
@@ -224,14 +224,15 @@ def test_a_mixture_term_is_no_wider_than_the_base_prior_and_wild_extrapolations_
                      torch.diag_embed(torch.stack([1 / prec, torch.full((2,), float(r_var), dtype=F64)], -1))[:, None],
                      torch.tensor([[-5.0], [-400.0]], dtype=F64), torch.zeros(2, 1, dtype=F64),
                      torch.ones(2, dtype=F64), torch.tensor([True]),
-                     torch.stack([lam, torch.zeros(2, dtype=F64), torch.full((2,), 100.0, dtype=F64)], -1)[:, None])
+                     torch.stack([lam, torch.zeros(2, dtype=F64), torch.full((2,), 100.0, dtype=F64)], -1)[:, None],
+                     variance=1.0)
     module = SimpleNamespace(population_terms=2, population_loc=g_loc, population_scale=g_scale,
                              population_term_weight=weight, population_term_loc=loc, population_term_scale=scale,
                              clamp_theta=lambda a, b: (a.clamp(-6.0, 4.0), b.clamp(-6.0, 4.0)))
     unguarded = under_mixture_population(SimpleNamespace(**{**vars(module), "clamp_theta": lambda a, b: (a, b)}),
-                                         fit, 1.0)
+                                         fit)
     assert float(unguarded.mean[1, 0, 0]) < -20.0  # what the closed form alone gives
-    out = under_mixture_population(module, fit, 1.0)
+    out = under_mixture_population(module, fit)
     assert torch.equal(out.mean[1], fit.mean[1]) and torch.equal(out.cov[1], fit.cov[1])
     assert torch.equal(out.log_evidence[1], fit.log_evidence[1])
     assert not torch.equal(out.mean[0], fit.mean[0]) and -6.0 < float(out.mean[0, 0, 0]) < 4.0

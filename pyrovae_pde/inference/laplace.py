@@ -38,7 +38,8 @@ class LaplaceFit:
 
     mean (N, K, 2), cov (N, K, 2, 2) (for rate-free components the log r row/column is a unit
     placeholder), log_evidence (N, K), sse (N, K) at the mode, n_obs (N,), has_rate (K,) bool,
-    jtj (N, K, 3): the likelihood's J^T J entries (aa, ab, bb) at the mode, before dividing by sigma^2.
+    jtj (N, K, 3): the likelihood's J^T J entries (aa, ab, bb) at the mode, before dividing by sigma^2;
+    variance: the observation variance sigma^2 of cov and log_evidence (None: not recorded).
     """
 
     mean: torch.Tensor
@@ -48,6 +49,7 @@ class LaplaceFit:
     n_obs: torch.Tensor
     has_rate: torch.Tensor
     jtj: torch.Tensor
+    variance: float | None = None
 
     def covariance(self, variance: float, prior: tuple) -> torch.Tensor:
         """Inverse Gauss-Newton Hessian (N, K, 2, 2) at the modes for observation variance
@@ -317,4 +319,4 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
         h2 = float(hessian_noise_sd if hessian_noise_sd is not None else noise_sd) ** 2
     cov, log_evidence = laplace_evidence(a, b, jaa, jab, jbb, sse, n_obs, h2, pri, has_rate)
     return LaplaceFit(torch.stack([a, b], -1), cov, log_evidence, sse, n_obs, has_rate,
-                      torch.stack([jaa, jab, jbb], -1))
+                      torch.stack([jaa, jab, jbb], -1), variance=h2)

@@ -46,7 +46,7 @@ def refine(module: MixturePDE, data: CohortTensors, start: torch.Tensor | None =
     fit = laplace_fit(module, data, noise_sd(module), n_iter=n_iter, two_level=True, start=summary)
     # under a mixture population the guide is the mixture posterior's mean and covariance (the fit,
     # for the EM, stays the Laplace approximation under the population's Gaussian)
-    guide_fit = under_mixture_population(module, fit, noise_sd(module) ** 2)
+    guide_fit = under_mixture_population(module, fit)
     loc, cov = guide_fit.mean.to(data.signal.dtype), guide_fit.cov.to(data.signal.dtype)
     bad = ~(torch.isfinite(loc).all(-1) & torch.isfinite(cov).flatten(-2).all(-1) & (cov[..., 0, 0] > 0)
             & (cov[..., 0, 0] * cov[..., 1, 1] - cov[..., 0, 1] ** 2 > 0))

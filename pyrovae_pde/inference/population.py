@@ -64,6 +64,14 @@ class Population:
     def n_terms(self) -> int:
         return 1 if self.terms is None else self.terms[1].shape[-1]
 
+    @classmethod
+    def of(cls, module) -> "Population":
+        """The population priors of a ``MixturePDE`` (float64): its Gaussian, with its terms if a mixture."""
+        terms = None if module.population_terms == 1 else tuple(
+            t.double() for t in (module.population_term_weight, module.population_term_loc,
+                                 module.population_term_scale))
+        return cls(module.population_loc.double(), module.population_scale.double(), terms)
+
 
 def mixture_moments(weight: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and sd (...) of the mixtures sum_m weight_m N(loc_m, scale_m^2), each (..., M)."""
@@ -343,18 +351,16 @@ def em_population(mean: torch.Tensor, jtj: torch.Tensor, variance: float, log_ev
     return pop, w, resp, log_z
 
 
-def under_mixture_population(module, fit, variance: float):
-    """``fit`` (a ``laplace.LaplaceFit`` under the Gaussian of ``module``'s population, at
-    observation variance ``variance``) re-weighted to the module's mixture population: log
+def under_mixture_population(module, fit):
+    """``fit`` (a ``laplace.LaplaceFit`` under the Gaussian of ``module``'s population, at its
+    observation variance ``fit.variance``) re-weighted to the module's mixture population: log
     evidence under the mixture, posterior mean and covariance of the resulting mixture of
     Gaussians (N, K, 2) and (N, K, 2, 2). Unchanged for a Gaussian population."""
     if module.population_terms == 1:
         return fit
-    gaussian = Population(module.population_loc.double(), module.population_scale.double())
-    mixture = Population(gaussian.loc, gaussian.scale, (module.population_term_weight.double(),
-                                                        module.population_term_loc.double(),
-                                                        module.population_term_scale.double()))
-    mean, cov, pair_log_z, log_z = reweight_mixture(fit.mean.double(), fit.jtj.double(), variance,
+    mixture = Population.of(module)
+    gaussian = Population(mixture.loc, mixture.scale)
+    mean, cov, pair_log_z, log_z = reweight_mixture(fit.mean.double(), fit.jtj.double(), fit.variance,
                                                     fit.log_evidence.double(), gaussian, mixture,
                                                     fit.has_rate)
     centre, spread = mixture_posterior(mean, cov, pair_log_z)

@@ -20,7 +20,6 @@ import xarray as xr
 
 from ..data.cohort import CohortTensors
 from ..errors import InputError
-from ..model.likelihood import NOISE_FLOOR
 from ..model.module import MixturePDE
 from . import distributed as ddp
 from . import particles
@@ -100,8 +99,7 @@ def refined_fit(module: MixturePDE, data: CohortTensors, noise: torch.Tensor, n_
     guide = encode_cohort(module, data.to(data.signal.device, next(module.parameters()).dtype))
     fit = laplace_fit(module, data, float(particles.observation_sd(noise)), n_iter=n_iter,
                       hessian_noise_sd="least_squares", two_level=True, start=guide, share=share)
-    fit = under_mixture_population(module, fit, (pooled_residual_variance(fit.sse, fit.n_obs, share) or 0.0)
-                                   + NOISE_FLOOR ** 2)
+    fit = under_mixture_population(module, fit)
     if not n_particles:
         return RefinedFit(fit, guide, fit.log_evidence.cpu())
     proposal = dataclasses.replace(particles.guide_proposal(module, data, guide),

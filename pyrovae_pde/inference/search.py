@@ -258,5 +258,5 @@ def search_modes(module: MixturePDE, data: CohortTensors, noise_sd: float, grid_
     cov, log_evidence = laplace_evidence(a, b, jaa, jab, jbb, sse, n_obs, h2, module.prior_terms(DTYPE_OUT, device),
                                          has_rate)
     return ModeSearch(torch.stack([a, b], -1), cov, log_evidence, sse, n_obs, has_rate,
-                      torch.stack([jaa, jab, jbb], -1), converged=decrement.double() < tolerance,
+                      torch.stack([jaa, jab, jbb], -1), variance=h2, converged=decrement.double() < tolerance,
                       decrement=decrement.double(), iterations=iters)

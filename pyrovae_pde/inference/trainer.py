@@ -195,7 +195,7 @@ class Trainer:
         cov, log_evidence = laplace_evidence(search.mean[..., 0], search.mean[..., 1], *search.jtj.unbind(-1),
                                              search.sse, search.n_obs, variance,
                                              m.prior_terms(torch.float64, search.mean.device), search.has_rate)
-        search = dataclasses.replace(search, cov=cov, log_evidence=log_evidence)
+        search = dataclasses.replace(search, cov=cov, log_evidence=log_evidence, variance=variance)
         self.update_population(search, variance, update_weights=True, n_iter=50)
         sd = math.sqrt(variance)
         start = modes_as_start(search.mean[rows.to(search.mean.device)].to(mine.signal.dtype))
@@ -240,9 +240,7 @@ class Trainer:
             with torch.no_grad():
                 conc = m.weights_concentration().double()
             weights = conc / conc.sum()
-        current = Population(m.population_loc.double(), m.population_scale.double(),
-                             None if m.population_terms == 1 else
-                             (m.population_term_weight, m.population_term_loc, m.population_term_scale))
+        current = Population.of(m)
         tied = self.config.tie_population
         pop, weights, resp, _ = em_population(fit.mean[:n_tr], fit.jtj[:n_tr], variance, fit.log_evidence[:n_tr],
                                               current, m.priors, fit.has_rate, weights=weights.to(fit.mean.device),
