@@ -21,6 +21,12 @@ try:  # numpy may already be imported (and its BLAS pool started) by a plugin: l
 except ImportError:  # threadpoolctl is optional
     pass
 
+from pyrovae_pde.inference import amortize as _amortize  # noqa: E402
+
+# Fits in these tests run a short amortization stage (the default is sized for real cohorts);
+# tests of the amortized posterior itself ask for their own number of steps.
+_amortize.DEFAULT_STEPS = 150
+
 
 @pytest.fixture(scope="session")
 def paper_ds():

@@ -21,7 +21,8 @@ def fitted(tmp_path_factory):
     save_dataset(simulate("graph", 24, seed=2, noise_sd=0.02, components=("fisher_kpp",)), data)
     run = root / "run"
     proc = subprocess.run([sys.executable, "-m", "pyrovae_pde", "fit", str(data), "--components", "fisher_kpp",
-                           "--out", str(run), "--epochs", "2", "--prior", "diffusivity=0.05,1",
+                           "--out", str(run), "--epochs", "2", "--amortize-steps", "50",
+                           "--prior", "diffusivity=0.05,1",
                            "--prior", "reaction=0.1,1"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return root, data, run, proc.stderr
@@ -49,7 +50,7 @@ def test_a_log_gets_lines_not_progress_bar_redraws(fitted):
 def test_quiet_leaves_a_log_without_epoch_lines(fitted, tmp_path):
     _, data, _, _ = fitted
     proc = subprocess.run([sys.executable, "-m", "pyrovae_pde", "--quiet", "fit", str(data), "--components",
-                           "fisher_kpp", "--out", str(tmp_path / "run"), "--epochs", "1"],
+                           "fisher_kpp", "--out", str(tmp_path / "run"), "--epochs", "1", "--amortize-steps", "0"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert ": epoch " not in proc.stderr and "\r" not in proc.stderr

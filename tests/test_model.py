@@ -23,7 +23,8 @@ from pyrovae_pde.model.priors import Z95, LogNormalPrior
 
 COMPONENTS = ("fisher_kpp", "saturating", "zeldovich")
 GRAPH_PRIORS = {"diffusivity": (0.05, 1.0), "reaction": (0.1, 1.0)}
-FAST = dict(warmup_sleep_steps=30, progress=False, min_epochs=50)  # no plateau stop in mechanics tests
+# no plateau stop and no amortization stage (not checkpointed: it follows the fit) in mechanics tests
+FAST = dict(warmup_sleep_steps=30, progress=False, min_epochs=50, amortize_steps=0)
 
 
 @pytest.fixture(scope="module")

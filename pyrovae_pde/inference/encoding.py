@@ -43,3 +43,24 @@ def global_means(module: MixturePDE) -> tuple[torch.Tensor, torch.Tensor]:
         noise_sd = torch.nn.functional.softplus(module.noise_scale_raw) + 1e-4
         noise = torch.exp(module.noise_loc + 0.5 * noise_sd ** 2)
     return weights, noise
+
+
+def encode_amortized_cohort(module: MixturePDE, data: CohortTensors,
+                            batch_size: int = 512) -> tuple[torch.Tensor, GuideSummary]:
+    """The amortized posterior of a cohort in one encoder pass (no gradients): log p(subtype | x)
+    (N, K) under the weights' posterior mean, and the guide's LogNormal parameters (``GuideSummary``)."""
+    logits, parts = [], []
+    with torch.no_grad():
+        for start in range(0, data.n_subjects, batch_size):
+            sl = slice(start, start + batch_size)
+            out = module.encode_amortized(data.signal[sl], data.times[sl], data.observed[sl])
+            logits.append(out[0])
+            parts.append(out[1:])
+        weights, _ = global_means(module)
+        joint = torch.cat(logits).double() + torch.log(weights.double()).to(logits[0].device)
+    d_loc, d_scale, r_loc_rate, r_scale_rate = (torch.cat(p) for p in zip(*parts))
+    r_loc = d_loc.new_full(d_loc.shape, math.nan)
+    r_scale = d_loc.new_full(d_loc.shape, math.nan)
+    r_loc[:, module.rate_index] = r_loc_rate
+    r_scale[:, module.rate_index] = r_scale_rate
+    return torch.log_softmax(joint, dim=-1), GuideSummary(d_loc, d_scale, r_loc, r_scale)

@@ -20,10 +20,12 @@ import xarray as xr
 
 from ..data.cohort import CohortTensors
 from ..errors import InputError
+from ..model.likelihood import observation_sd
 from ..model.module import MixturePDE
 from . import distributed as ddp
 from . import particles
-from .encoding import GuideSummary, encode_cohort, global_means  # noqa: F401 (re-exported)
+from .amortize import TrustRule
+from .encoding import GuideSummary, encode_amortized_cohort, encode_cohort, global_means  # noqa: F401
 from .laplace import laplace_fit, pooled_residual_variance
 from .marginal import component_log_evidence
 from .population import under_mixture_population
@@ -125,11 +127,58 @@ def _join_ranks(share: ddp.Share, subjects: list[str], variables: dict[str, np.n
     return [every[i] for i in order.tolist()], variables, conflict
 
 
+def _summary_variables(probs: torch.Tensor, log_evidence: torch.Tensor, summary: GuideSummary,
+                       summaries: dict | None) -> dict[str, np.ndarray]:
+    variables: dict = {"subtype_prob": probs.cpu().numpy().astype(float),  # (subject, subtype) arrays
+                       "log_evidence_component": log_evidence.cpu().numpy().astype(float)}
+    for name, loc, scale in (("diffusivity", summary.d_loc, summary.d_scale),
+                             ("reaction", summary.r_loc, summary.r_scale)):
+        values = summaries[name] if summaries else lognormal_summary(loc.cpu().numpy().astype(float),
+                                                                     scale.cpu().numpy().astype(float))
+        for suffix, value in values.items():
+            variables[name + suffix] = value
+    return variables
+
+
+def _refined_variables(module: MixturePDE, data: CohortTensors, noise: torch.Tensor, weights: torch.Tensor,
+                       n_particles: int, seed: int, n_iter: int, share: ddp.Share | None):
+    """The refined path's per-subject variables and prior-check inputs (modes, log evidence, n_obs)."""
+    refined = refined_fit(module, data, noise, n_particles, seed=seed, n_iter=n_iter, share=share)
+    fit, log_evidence = refined.fit, refined.log_evidence
+    summary = GuideSummary(fit.mean[..., 0], torch.sqrt(fit.cov[..., 0, 0]),
+                           torch.where(fit.has_rate, fit.mean[..., 1], torch.nan),
+                           torch.where(fit.has_rate, torch.sqrt(fit.cov[..., 1, 1]), torch.nan))
+    summaries = None
+    if refined.stats is not None:
+        summaries = {"diffusivity": weighted_summary(refined.stats.diffusivity, refined.log_w),
+                     "reaction": weighted_summary(refined.stats.reaction, refined.log_w)}
+    probs = subtype_log_probs(log_evidence, weights).exp()
+    return (_summary_variables(probs, log_evidence, summary, summaries),
+            (fit.mean.double().cpu(), log_evidence.double().cpu(), fit.n_obs.double().cpu()))
+
+
+def _guide_variables(module: MixturePDE, data: CohortTensors, noise: torch.Tensor, weights: torch.Tensor,
+                     n_particles: int, seed: int, share: ddp.Share | None):
+    """The guide alone of a model without a subtype head: Z_ik importance-sampled from q."""
+    guide = encode_cohort(module, data.to(data.signal.device, next(module.parameters()).dtype))
+    stats = particles.particle_stats(module, data, n_particles=n_particles, seed=seed,
+                                     proposal=particles.guide_proposal(module, data, guide), share=share)
+    log_evidence = component_log_evidence(stats, noise.double().reshape(1))[0]
+    probs = subtype_log_probs(log_evidence, weights).exp()
+    return _summary_variables(probs, log_evidence, guide, None), None
+
+
+def _amortized_variables(log_probs: torch.Tensor, guide: GuideSummary) -> dict[str, np.ndarray]:
+    """The amortized guide alone: the subtype head's probabilities, q's LogNormal summaries."""
+    return _summary_variables(log_probs.exp(), torch.full_like(log_probs, torch.nan), guide, None)
+
+
 def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int | None = None, seed: int = 0,
-                      refine: bool = True, n_iter: int = 3, share: ddp.Share | None = None) -> xr.Dataset | None:
+                      refine: bool | str = True, n_iter: int = 3, share: ddp.Share | None = None,
+                      trust: "TrustRule | None" = None) -> xr.Dataset | None:
     """The posterior contract (see ``data_schemas/posterior-v1.schema.json``) for ``data``'s subjects.
 
-    ``refine=True`` (default): each (subject, component) posterior is the Laplace approximation
+    ``refine=True``: each (subject, component) posterior is the Laplace approximation
     at the mode found by ``n_iter`` Levenberg-Marquardt iterations from the guide's means
     (``laplace.laplace_fit``, float32 coarse solves corrected by one solve with the model's own
     solver: ``two_level``), and Z_ik its Laplace evidence, both at the pooled
@@ -142,64 +191,88 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
     equilibrates the field) at the cost of ``n_particles`` solves per subject and component.
     By default (``n_particles=None``) that is done on domains of at most ``SMALL_DOMAIN_NODES``
     nodes, with ``SMALL_DOMAIN_PARTICLES`` draws; larger domains get the Laplace approximation alone.
-    ``refine=False``: the amortized guide alone, Z_ik by importance sampling with ``n_particles``
-    draws from it (default 8, ``seed``); faster per subject, but as good only as the encoder.
+
+    ``refine=False``: the amortized guide alone. For a model trained by ``inference.amortize``
+    (``module.amortized``): one encoder pass, the subtype head's p(subtype | x) and q's LogNormal
+    summaries, no solve (``log_evidence_component`` is then NaN). Older models: Z_ik by importance
+    sampling with ``n_particles`` draws from the guide (default 8, ``seed``).
+
+    ``refine="auto"``: for an amortized model, the guide alone for the subjects that pass
+    ``trust`` (a ``TrustRule``; default ``TrustRule()``) and the refined posterior (as with True)
+    for the others; the variable ``refined`` says which. Models that are not amortized, and
+    distributed predicts, refine every subject.
 
     ``share`` (distributed predict): ``data`` is this rank's subjects, ``share.rows`` of the cohort;
     each rank does theirs (with one process's batches, random numbers and pooled noise) and rank 0
     returns the whole cohort's posterior, the other ranks None.
     """
+    if refine not in (True, False, "auto"):
+        raise InputError(f"refine must be True, False or 'auto', got {refine!r}")
+    amortized = bool(module.amortized)
+    if refine == "auto" and (not amortized or share is not None):
+        refine = True
     if n_particles is None:
         small = module.domain.n_nodes <= SMALL_DOMAIN_NODES
         n_particles = (SMALL_DOMAIN_PARTICLES if small else 0) if refine else 8
     if n_particles < (0 if refine else 1):
         raise InputError(f"n_particles must be >= {0 if refine else 1}, got {n_particles}")
     weights, noise = (t.cpu() for t in global_means(module))  # the per-subject work may run on CUDA
-    summaries = None
-    if refine:
-        refined = refined_fit(module, data, noise, n_particles, seed=seed, n_iter=n_iter, share=share)
-        fit, log_evidence = refined.fit, refined.log_evidence
-        summary = GuideSummary(fit.mean[..., 0], torch.sqrt(fit.cov[..., 0, 0]),
-                               torch.where(fit.has_rate, fit.mean[..., 1], torch.nan),
-                               torch.where(fit.has_rate, torch.sqrt(fit.cov[..., 1, 1]), torch.nan))
-        if refined.stats is not None:
-            summaries = {"diffusivity": weighted_summary(refined.stats.diffusivity, refined.log_w),
-                         "reaction": weighted_summary(refined.stats.reaction, refined.log_w)}
+    n, k = data.n_subjects, module.n_components
+    flags = None
+    if refine is True:
+        refined_rows = torch.arange(n)
+        variables, conflict = _refined_variables(module, data, noise, weights, n_particles, seed, n_iter, share)
+    elif refine is False and not amortized:
+        variables, conflict = _guide_variables(module, data, noise, weights, n_particles, seed, share)
+        refined_rows = torch.zeros(0, dtype=torch.long)
     else:
-        guide = encode_cohort(module, data.to(data.signal.device, next(module.parameters()).dtype))
-        stats = particles.particle_stats(module, data, n_particles=n_particles, seed=seed,
-                                         proposal=particles.guide_proposal(module, data, guide), share=share)
-        log_evidence = component_log_evidence(stats, noise.double().reshape(1))[0]
-        summary = guide
-    probs = subtype_log_probs(log_evidence, weights).exp()
-    variables: dict = {"subtype_prob": probs.cpu().numpy().astype(float),  # (subject, subtype) arrays
-                       "log_evidence_component": log_evidence.cpu().numpy().astype(float)}
-    for name, loc, scale in (("diffusivity", summary.d_loc, summary.d_scale),
-                             ("reaction", summary.r_loc, summary.r_scale)):
-        values = summaries[name] if summaries else lognormal_summary(loc.cpu().numpy().astype(float),
-                                                                     scale.cpu().numpy().astype(float))
-        for suffix, value in values.items():
-            variables[name + suffix] = value
-    subjects, conflict = list(data.subjects), (fit.mean, log_evidence, fit.n_obs) if refine else None
+        log_probs, guide = encode_amortized_cohort(module, data.to(data.signal.device,
+                                                                   next(module.parameters()).dtype))
+        variables = _amortized_variables(log_probs, guide)
+        conflict = (torch.stack([guide.d_loc, torch.nan_to_num(guide.r_loc)], -1).double().cpu(),
+                    (log_probs - torch.log(weights.double())).cpu(), data.observed[:, 1:].double().sum(1).cpu())
+        refined_rows = torch.zeros(0, dtype=torch.long)
+        if refine == "auto":
+            flags = (trust or TrustRule()).flags(module, data, log_probs, guide, float(observation_sd(noise)))
+            refined_rows = torch.nonzero(flags.refine).flatten()
+            if len(refined_rows):
+                part, part_conflict = _refined_variables(module, data.subset(refined_rows), noise, weights,
+                                                         n_particles, seed, n_iter, None)
+                rows = refined_rows.numpy()
+                for name, value in part.items():
+                    variables[name][rows] = value
+                for whole, piece in zip(conflict, part_conflict):
+                    whole[refined_rows] = piece.to(whole)
+    was_refined = np.zeros(n, dtype=np.int8)
+    was_refined[refined_rows.numpy()] = 1
+    variables["refined"] = was_refined
+    subjects = list(data.subjects)
     if share is not None:  # rank 0 joins every rank's subjects, in cohort order
         if (joined := _join_ranks(share, subjects, variables, conflict)) is None:
             return None
         subjects, variables, conflict = joined
     coords = {"subject": np.array(subjects, dtype=object), "subtype": np.array(module.components, dtype=object)}
     dims = ("subject", "subtype")
-    variables = {name: (dims, value) for name, value in variables.items()}
+    variables = {name: (dims if value.ndim == 2 else ("subject",), value) for name, value in variables.items()}
     variables["weights"] = (("subtype",), weights.cpu().numpy().astype(float))
     variables["noise_scale"] = ((), float(noise))
     attrs = {"schema_version": "1", "kind": "posterior", "n_particles": n_particles, "seed": seed,
-             "refined": int(refine)}
-    if refine:  # prior-data conflict on this cohort (see prior_check): modes, log evidence, n_obs
-        checks = prior_conflict(module.priors, conflict[0], conflict[1], weights, fit.has_rate, conflict[2])
+             "refined": int(refine is True), "refine_mode": str(refine),
+             "n_refined": int(variables["refined"][1].sum()), "amortized": int(amortized)}
+    if flags is not None:
+        attrs["trust_rule"] = json.dumps(flags.rule)
+    if conflict is not None:  # prior-data conflict on this cohort (see prior_check): modes, log evidence, n_obs
+        has_rate = torch.zeros(k, dtype=torch.bool)
+        has_rate[module.rate_index] = True
+        checks = prior_conflict(module.priors, conflict[0], conflict[1], weights, has_rate, conflict[2])
         attrs["prior_conflict"] = json.dumps([c.as_dict() for c in checks])
     ds = xr.Dataset(variables, coords=coords, attrs=attrs)
     ds["subtype_prob"].attrs["description"] = "posterior probability of each subtype (rows sum to 1)"
     ds["log_evidence_component"].attrs["description"] = (
         "log p(subject's data | subtype): Laplace estimate (refined), or importance-sampled from the "
-        "Laplace approximation (refined, n_particles > 0) or from the guide (not refined)")
+        "Laplace approximation (refined, n_particles > 0) or from the guide (not refined, older models); "
+        "NaN where the amortized subtype head gave the probabilities")
+    ds["refined"].attrs["description"] = "1: refined from the encoder's guess; 0: the amortized guide alone"
     ds["diffusivity"].attrs["description"] = "posterior mean of D given the subtype"
     ds["reaction"].attrs["description"] = "posterior mean of r given the subtype (NaN: component has no rate)"
     ds["weights"].attrs["description"] = "posterior mean of the mixture weights"

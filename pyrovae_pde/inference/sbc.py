@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..model.likelihood import observation_sd
 from ..model.module import MixturePDE
 from ..physics import solve_active
-from .encoding import global_means
+from .encoding import encode_amortized_cohort, global_means
 from .posterior import SMALL_DOMAIN_NODES, SMALL_DOMAIN_PARTICLES, refined_fit, subtype_log_probs
 
 PARAMETERS = ("log_diffusivity", "log_reaction")
@@ -134,6 +134,19 @@ def simulate_cohort(module: MixturePDE, reference: CohortTensors, n_simulations:
 
 
 # ---------------------------------------------------------------------------------------------- posterior draws
+def amortized_draws(module: MixturePDE, data: CohortTensors, subtype: torch.Tensor, n_draws: int, seed: int):
+    """``n_draws`` draws (S, L, 2) of (log D, log r) from the amortized guide q under each subject's
+    subtype ``subtype`` (S,) (one encoder pass, no solve) and log p(subtype | x) (S,) of that
+    subtype by the subtype head; log r draws are NaN for rate-free subtypes."""
+    generator = torch.Generator().manual_seed(seed)
+    log_probs, guide = encode_amortized_cohort(module, data)
+    rows = torch.arange(data.n_subjects)
+    loc = torch.stack([guide.d_loc, guide.r_loc], -1).double().cpu()[rows, subtype]  # (S, 2)
+    scale = torch.stack([guide.d_scale, guide.r_scale], -1).double().cpu()[rows, subtype]
+    z = torch.randn(data.n_subjects, n_draws, 2, generator=generator, dtype=torch.float64)
+    return loc[:, None] + scale[:, None] * z, log_probs.cpu()[rows, subtype]
+
+
 def posterior_draws(module: MixturePDE, data: CohortTensors, subtype: torch.Tensor, n_draws: int,
                     n_particles: int, seed: int, n_iter: int = 3):
     """``n_draws`` draws (S, L, 2) of (log D, log r) from each subject's posterior under its subtype
@@ -167,7 +180,7 @@ def posterior_draws(module: MixturePDE, data: CohortTensors, subtype: torch.Tens
 # ---------------------------------------------------------------------------------------------- SBC
 def simulation_based_calibration(model, reference: CohortTensors | xr.Dataset, n_simulations: int = 200,
                                  n_draws: int = 20, seed: int = 0, n_particles: int | None = None,
-                                 n_iter: int = 3) -> xr.Dataset:
+                                 n_iter: int = 3, posterior: str = "refined") -> xr.Dataset:
     """Simulation-based calibration of a fitted mixture's per-subject posteriors of (log D, log r).
 
     model: the fitted ``MixturePDE`` (or anything with one as ``module_``, e.g. a ``SubtypeModel``).
@@ -177,6 +190,8 @@ def simulation_based_calibration(model, reference: CohortTensors | xr.Dataset, n
     draws under its true subtype. ``n_particles``: importance draws per subject and subtype, as in
     ``posterior_dataset`` (default: ``SMALL_DOMAIN_PARTICLES`` on domains of at most
     ``SMALL_DOMAIN_NODES`` nodes, else 0: Gaussian draws from the Laplace approximation).
+    ``posterior="amortized"``: draws from the encoder's guide q alone (``amortized_draws``; a model
+    trained by ``inference.amortize``), the posterior ``predict`` keeps for trusted subjects.
 
     Returns a Dataset with ``rank`` (simulation, parameter) in {0, ..., n_draws} (NaN: log r of a
     rate-free subtype), ``true_subtype``, ``true_value`` (simulation, parameter), ``reference_subject``,
@@ -189,6 +204,11 @@ def simulation_based_calibration(model, reference: CohortTensors | xr.Dataset, n
         raise InputError("simulation_based_calibration needs a fitted model (MixturePDE or a fitted SubtypeModel)")
     if n_simulations < 1 or n_draws < 1:
         raise InputError(f"n_simulations and n_draws must be >= 1, got {n_simulations} and {n_draws}")
+    if posterior not in ("refined", "amortized"):
+        raise InputError(f"posterior must be 'refined' or 'amortized', got {posterior!r}")
+    if posterior == "amortized" and not bool(module.amortized):
+        raise InputError("posterior='amortized' needs a model whose encoder was amortized after the fit; refit it "
+                         "with amortize steps (pyrovae-pde fit --amortize-steps N, N > 0)")
     if n_particles is None:
         n_particles = SMALL_DOMAIN_PARTICLES if module.domain.n_nodes <= SMALL_DOMAIN_NODES else 0
     if n_particles < 0:
@@ -201,7 +221,10 @@ def simulation_based_calibration(model, reference: CohortTensors | xr.Dataset, n
     module.to("cpu")
     try:
         data, subtype, theta, source = simulate_cohort(module, reference, n_simulations, generator)
-        draws, log_prob = posterior_draws(module, data, subtype, n_draws, n_particles, seed + 1, n_iter)
+        if posterior == "amortized":
+            draws, log_prob = amortized_draws(module, data, subtype, n_draws, seed + 1)
+        else:
+            draws, log_prob = posterior_draws(module, data, subtype, n_draws, n_particles, seed + 1, n_iter)
     finally:
         module.to(device)
     rng = np.random.default_rng(seed)
@@ -230,7 +253,8 @@ def simulation_based_calibration(model, reference: CohortTensors | xr.Dataset, n
                 "subtype": np.array(components, dtype=object)},
         attrs={"kind": "sbc", "n_draws": int(n_draws), "n_simulations": int(n_simulations), "seed": int(seed),
                "n_particles": int(n_particles),
-               "posterior": "importance-sampled Laplace" if n_particles else "Laplace",
+               "posterior": ("amortized guide" if posterior == "amortized" else
+                             "importance-sampled Laplace" if n_particles else "Laplace"),
                "noise_sd": float(observation_sd(global_means(module)[1]))})
     ds["rank"].attrs["description"] = "number of posterior draws below the true value (uniform if calibrated)"
     ds["true_subtype_prob"].attrs["description"] = "posterior probability of the simulated subject's true subtype"

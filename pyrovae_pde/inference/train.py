@@ -34,6 +34,11 @@ has a well-posed objective:
    SE) over ``plateau_window`` epochs (converged), or at ``epochs`` (not converged).
 5. **Restarts** (``restarts``): the whole fit from other seeds (same train/validation split);
    the best validation ELBO wins, and the spread of the restarts' ELBOs is recorded.
+6. **Amortization** (``amortize_steps``, ``amortize.amortize``): the encoder and its subtype head
+   learn the fitted model's posteriors from subjects it simulates like the cohort's, so that
+   ``predict`` can take the encoder alone for the subjects it can be trusted with. Not done in
+   distributed fits (their predict refines every subject). Checkpoints hold the fit before this
+   stage; a resumed run amortizes again (the same steps from the same seed).
 
 ``guide="amortized"`` trains the encoder by the wake-phase ELBO instead (the pre-0.2 scheme),
 kept to measure against.
@@ -59,6 +64,7 @@ from ..data.contract import read_torch_file
 from ..errors import MissingFileError, TrainingDivergedError
 from ..model.module import MixturePDE
 from . import distributed as ddp
+from .amortize import amortize
 from .objective import evaluate_elbo, noise_sd, refine
 from .prior_check import prior_conflict
 from .train_config import TrainConfig, TrainState
@@ -157,6 +163,11 @@ def _train(module: MixturePDE, data: CohortTensors | LazyCohort, config: TrainCo
         finished["state"].restart_elbos = elbos
     state = finished["state"]
     module.load_state_dict(finished["module"])
+    if config.amortize_steps and ddp.world_size() == 1:  # distributed fits are not amortized (yet)
+        report = amortize(module, shard.train, steps=config.amortize_steps, seed=config.seed,
+                          progress=config.progress)
+        state.amortization = report.as_dict()
+        LOGGER.info("amortized posterior: %s", state.amortization)
     if checkpoint is not None and config.restarts > 1:  # record the restarts' outcome for --resume
         trainer = Trainer(module, shard, config, device)
         _save_checkpoint(checkpoint, trainer, state, finished["module"], config, finished)

@@ -13,6 +13,12 @@ GUIDES = ("semi-amortized", "amortized")
 RESTART_SPREAD_WARNING = 1.0  # nats per subject between the best and worst restart's validation ELBO
 
 
+def _amortize_default() -> int:
+    from . import amortize  # read when a config is made, so that one setting changes every default
+
+    return amortize.DEFAULT_STEPS
+
+
 @dataclass
 class TrainConfig:
     """Settings of a fit (see the module docstring for the schedule)."""
@@ -39,6 +45,9 @@ class TrainConfig:
     # distributions; benchmarks/RESULTS.md, "Training"); per-subtype populations are one Gaussian
     population_terms: int = 3
     validation_draws: int = 4
+    # after the fit: steps of training the encoder and its subtype head on subjects simulated by the
+    # fitted model (amortize.py; 0: none, predict then refines every subject)
+    amortize_steps: int = field(default_factory=lambda: _amortize_default())
     min_epochs: int = 3
     plateau_window: int = 3
     plateau_tolerance: float = 0.02  # nats per subject
@@ -57,6 +66,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "restarts", "plateau_window", "population_terms"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.amortize_steps < 0:
+            raise InputError(f"amortize_steps must be >= 0, got {self.amortize_steps}")
         if not self.learning_rate > 0 or not self.encoder_learning_rate > 0:
             raise InputError("learning rates must be > 0")
 
@@ -89,6 +100,7 @@ class TrainState:
     initial_noise: float = math.nan
     initial_weights: list = field(default_factory=list)
     prior_check: list = field(default_factory=list)  # prior_check.PriorCheck.as_dict() per parameter
+    amortization: dict = field(default_factory=dict)  # amortize.AmortizationReport.as_dict(); {}: none
 
     @property
     def restart_spread(self) -> float:
@@ -102,7 +114,7 @@ class TrainState:
                 "elbo_slope_per_epoch": self.elbo_slope, "rollbacks": self.rollbacks,
                 "skipped_steps": self.skipped_steps, "restarts": max(1, len(self.restart_elbos)),
                 "restart_elbos": self.restart_elbos, "restart_spread": self.restart_spread,
-                "prior_check": self.prior_check}
+                "prior_check": self.prior_check, "amortization": self.amortization}
 
 
 def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -166,7 +166,7 @@ class SubtypeModel:
 
     # ------------------------------------------------------------------ posterior
     def posterior(self, ds: xr.Dataset, n_particles: int | None = None, seed: int = 0, device: str = "cpu",
-                  source: str = "<dataset>", refine: bool = True, n_iter: int = 3,
+                  source: str = "<dataset>", refine: bool | str = "auto", n_iter: int = 3,
                   distributed: bool = False) -> xr.Dataset | None:
         """Posterior summary for the subjects of ``ds`` (any cohort on the fitted domain).
 
@@ -177,7 +177,10 @@ class SubtypeModel:
         ``n_particles`` > 0 turns each Laplace approximation into an importance-sampling proposal
         (``n_particles`` solves per subject and subtype) for skewed posteriors; the default does so
         with 128 draws on domains of at most 256 nodes (graphs), and not on larger ones.
-        ``refine=False`` uses the encoder's guide alone with ``n_particles`` (default 8) importance draws.
+        ``refine="auto"`` (default): a model amortized by ``fit`` takes the encoder's posterior
+        alone for the subjects whose check passes and refines the others (variable ``refined``,
+        attribute ``n_refined``); ``refine=True`` refines every subject; ``refine=False`` uses the
+        encoder alone (see ``inference.posterior.posterior_dataset``).
         ``distributed=True`` (in torchrun): rank r of P reads and predicts only the subjects r, r + P,
         ... of ``ds``; rank 0 returns the whole cohort's posterior (see ``posterior_dataset``), the others None.
         """

@@ -204,7 +204,8 @@ def cmd_sbc(args: argparse.Namespace) -> int:
     reference = model.tensors(ds, str(args.data))  # a run of another domain fails here
     start = time.perf_counter()
     result = simulation_based_calibration(model.module_, reference, n_simulations=args.simulations,
-                                          n_draws=args.draws, seed=args.seed, n_particles=args.particles)
+                                          n_draws=args.draws, seed=args.seed, n_particles=args.particles,
+                                          posterior=args.posterior)
     result.attrs["model_components"] = ",".join(model.components)
     result.attrs["reference"] = str(args.data)
     out.mkdir(parents=True, exist_ok=True)
@@ -276,5 +277,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--particles", type=at_least(0), default=None,
                    help="importance samples per subject and subtype (default: as the posterior: 128 on graphs "
                         "and small domains, else 0 = the Laplace approximation)")
+    p.add_argument("--posterior", choices=("refined", "amortized"), default="refined",
+                   help="refined (default): the refined posterior of every subject; amortized: the encoder's "
+                        "guide alone, which predict keeps for the subjects it trusts")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_sbc)

@@ -49,6 +49,10 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                         f"{TrainConfig.population_terms}: a mixture that can follow a skewed or bounded distribution "
                         "of parameters; 1: a single Gaussian, needed by compare --evidence-population learned; "
                         "per-mechanism populations, --population-prior learned, are single Gaussians)")
+    p.add_argument("--amortize-steps", type=at_least(0), default=None,
+                   help="after the fit, steps of training the encoder on subjects simulated by the fitted model, "
+                        "so that predict can skip the per-subject refinement where the encoder passes its check "
+                        "(default 4000; 0: none, predict then refines every subject)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--prior", action="append", metavar="NAME=LO,HI",
@@ -82,7 +86,8 @@ def fit_model(ds, components, args, out: Path | None, source: str):
                   learn_population=getattr(args, "population_prior", "tied") in ("learned", "tied"),
                   tie_population=getattr(args, "population_prior", "tied") == "tied",
                   population_terms=getattr(args, "population_terms", TrainConfig.population_terms),
-                  **({"distributed": True} if distributed else {}))
+                  **({"distributed": True} if distributed else {}),
+                  **({} if getattr(args, "amortize_steps", None) is None else {"amortize_steps": args.amortize_steps}))
         if out is not None and lead:
             model.save(out)
     return model
@@ -172,12 +177,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     _rank_device(args)
     post = model.posterior(ds, n_particles=args.particles, seed=args.seed, device=args.device, source=str(args.data),
-                           refine=args.refine, n_iter=args.iterations, distributed=distributed)
+                           refine={"auto": "auto", "all": True, "none": False}[args.refine], n_iter=args.iterations,
+                           distributed=distributed)
     if post is None:  # distributed: rank 0 gathered this rank's subjects and writes
         return 0
     atomic_write(args.out, lambda tmp: post.to_netcdf(tmp, engine="h5netcdf"))
     print(f"wrote {args.out}: posterior of {post.sizes['subject']} subjects over subtypes "
-          f"{', '.join(model.components)} in {time.perf_counter() - start:.1f} s")
+          f"{', '.join(model.components)} in {time.perf_counter() - start:.1f} s "
+          f"({post.attrs['n_refined']} refined, {post.sizes['subject'] - post.attrs['n_refined']} by the encoder "
+          "alone)")
     if "prior_conflict" in post.attrs:
         import json
 
@@ -259,8 +267,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_run_arguments(p, "contract NetCDF file (new or training subjects)", "posterior NetCDF file")
     p.add_argument("--iterations", type=at_least(0), default=3,
                    help="Levenberg-Marquardt iterations of the per-subject Laplace refinement")
-    p.add_argument("--no-refine", dest="refine", action="store_false",
-                   help="skip the Laplace refinement: the amortized guide alone, importance-sampled")
+    p.add_argument("--refine", dest="refine", choices=("auto", "all", "none"), default="auto",
+                   help="auto (default): the amortized encoder alone for the subjects it can be trusted with, "
+                        "the Laplace refinement for the others (models fitted before amortization: all); "
+                        "all: refine every subject; none: the encoder alone")
+    p.add_argument("--no-refine", dest="refine", action="store_const", const="none",
+                   help="the same as --refine none")
     p.add_argument("--particles", type=at_least(0), default=None,
                    help="importance samples per subject and subtype: from the Laplace approximation "
                         "(default 128 on domains of at most 256 nodes, else 0: Laplace alone), or from "

@@ -109,12 +109,19 @@ def _subtype_lines(post: xr.Dataset, ds: xr.Dataset) -> list[str]:
     lines += ["", "## Diagnostics", "",
               f"- observation noise sd: {float(post['noise_scale']):.4g}",
               f"- subjects with P(MAP subtype) < 0.9: {int((confident < 0.9).sum())} of {len(confident)}",
-              f"- posterior: {'Laplace, refined' if int(post.attrs.get('refined', 1)) else 'amortized guide'}, "
-              f"{post.attrs.get('n_particles', 0)} importance draws per subject and subtype"]
+              f"- posterior: {_posterior_kind(post)}, "
+              f"{post.attrs.get('n_particles', 0)} importance draws per refined subject and subtype"]
     if "true_subtype" in ds:
         true = np.array([str(s) for s in ds["true_subtype"].sel(subject=post["subject"].values).values])
         lines.append(f"- accuracy against the file's true_subtype: {(np.array(names)[best] == true).mean():.3f}")
     return lines + [""]
+
+
+def _posterior_kind(post: xr.Dataset) -> str:
+    if "refined" not in post:  # written before amortized predicts
+        return "Laplace, refined" if int(post.attrs.get("refined", 1)) else "amortized guide"
+    n_refined, n = int(post["refined"].sum()), post.sizes["subject"]
+    return f"{n_refined} of {n} subjects refined (Laplace), {n - n_refined} by the amortized encoder alone"
 
 
 def _prior_lines(post: xr.Dataset) -> list[str]:

@@ -116,12 +116,16 @@ class GridEncoder(nn.Module):
         self.register_buffer("mask", torch.tensor(mask).reshape(1, 1, *domain.spatial_shape))
         self.head = head or PosteriorHead(channels * 4 ** ndim, **head_kwargs)
 
-    def forward(self, signal, times, observed):
-        """signal (B, T, n_nodes), times (B, T), observed (B, T) -> LogNormal params (see PosteriorHead)."""
+    def features(self, signal, times, observed) -> torch.Tensor:
+        """signal (B, T, n_nodes), times (B, T), observed (B, T) -> the heads' input (B, F)."""
         feats = visit_features(signal, times, observed, self.time_scale)  # (B, 4T, n)
         grid = self.domain.scatter(feats)  # (B, 4T, *space)
         x = torch.cat([grid, self.mask.expand(grid.shape[0], -1, *grid.shape[2:])], dim=1)
-        return self.head(self.body(x))
+        return self.body(x)
+
+    def forward(self, signal, times, observed):
+        """signal (B, T, n_nodes), times (B, T), observed (B, T) -> LogNormal params (see PosteriorHead)."""
+        return self.head(self.features(signal, times, observed))
 
 
 class GraphEncoder(nn.Module):
@@ -141,9 +145,40 @@ class GraphEncoder(nn.Module):
         n = domain.n_nodes
         self.head = head or PosteriorHead(n * width + N_FEATURES * n_visits * 2, **head_kwargs)
 
-    def forward(self, signal, times, observed):
+    def features(self, signal, times, observed) -> torch.Tensor:
+        """signal (B, T, n_nodes), times (B, T), observed (B, T) -> the heads' input (B, F)."""
         feats = visit_features(signal, times, observed, self.time_scale).transpose(1, 2)  # (B, n, 4T)
         h = torch.nn.functional.silu(self.propagate @ self.lin1(feats))
         h = torch.nn.functional.silu(self.propagate @ self.lin2(h))  # (B, n, width)
         pooled = torch.cat([feats.mean(dim=1), feats.amax(dim=1)], dim=-1)  # (B, 2 * 4T)
-        return self.head(torch.cat([h.flatten(1), pooled], dim=-1))
+        return torch.cat([h.flatten(1), pooled], dim=-1)
+
+    def forward(self, signal, times, observed):
+        """signal (B, T, n_nodes), times (B, T), observed (B, T) -> LogNormal params (see PosteriorHead)."""
+        return self.head(self.features(signal, times, observed))
+
+
+class SubtypeHead(nn.Module):
+    """Encoder features (B, F) -> amortized subtype log-likelihoods (B, K), up to a per-subject constant.
+
+    Trained by cross-entropy on simulated subjects with every component equally often
+    (``inference.amortize``), so softmax(output + log w) is p(subtype | scans) under weights w.
+    Zero output weights at initialisation: an untrained head says nothing (uniform).
+    """
+
+    def __init__(self, in_features: int, n_components: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, n_components))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+        with torch.no_grad():
+            self.net[-1].weight.zero_()
+            self.net[-1].bias.zero_()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)

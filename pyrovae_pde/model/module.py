@@ -33,7 +33,7 @@ from torch.nn.functional import softplus
 from ..errors import InputError
 from ..physics import Domain, get_reaction, solve_active
 from ..physics.solvers import DEFAULT_INITIAL_REACTION_STEP, DEFAULT_REACTION_STEP, SolverSettings
-from .encoders import GraphEncoder, GridEncoder, PosteriorHead
+from .encoders import GraphEncoder, GridEncoder, PosteriorHead, SubtypeHead
 from .likelihood import gaussian_log_likelihood, normal_log_density, observation_sd
 from .priors import Priors
 
@@ -103,6 +103,9 @@ class MixturePDE(nn.Module):
                              (priors.reaction.loc, priors.reaction.scale))
         probe.head = head
         self.encoder = probe
+        # Amortized p(subtype | scans), trained after the fit on simulated subjects (inference.amortize)
+        self.subtype_head = SubtypeHead(n_features, self.n_components)
+        self.register_buffer("amortized", torch.tensor(False))  # True once the subtype head is trained
         # Guide parameters of the global latents. The Dirichlet's concentration is learned in log
         # space: its optimum grows with the cohort (about 1 + N w_k), far beyond what additive
         # steps reach.
@@ -366,6 +369,10 @@ class MixturePDE(nn.Module):
             # the number of terms M is the saved run's
             setattr(self, name, torch.empty_like(state_dict[prefix + name]).to(self.population_loc))
         state_dict.setdefault(prefix + "population_learned", torch.tensor(False))
+        # runs saved before the amortized subtype head: an untrained head, never used
+        for name, value in self.subtype_head.state_dict(prefix=prefix + "subtype_head.").items():
+            state_dict.setdefault(name, value)
+        state_dict.setdefault(prefix + "amortized", torch.tensor(False))
         state_dict.setdefault(prefix + "population_tied", torch.tensor(False))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -411,11 +418,16 @@ class MixturePDE(nn.Module):
                   diffusivity: torch.Tensor, reaction: torch.Tensor | None) -> torch.Tensor:
         """Mean -log q_k(theta_k | x_k) of synthetic subjects: fields (B, K, T, n) simulated by each
         component k from diffusivity (B, K) and reaction (B, K_r), visits times/observed (B, T)."""
-        batch, k = fields.shape[:2]
-        device = fields.device
-        flat = fields.reshape(batch * k, *fields.shape[2:])
-        d_loc, d_scale, r_loc, r_scale = self.encode(flat, times.repeat_interleave(k, 0),
-                                                     observed.repeat_interleave(k, 0))
+        k = fields.shape[1]
+        flat = fields.reshape(-1, *fields.shape[2:])
+        params = self.encode(flat, times.repeat_interleave(k, 0), observed.repeat_interleave(k, 0))
+        return self._own_component_nll(params, diffusivity, reaction)
+
+    def _own_component_nll(self, params, diffusivity: torch.Tensor, reaction: torch.Tensor | None) -> torch.Tensor:
+        """Mean -log q of the truth, rows b * K + k simulated by component k (see ``sleep_nll``)."""
+        d_loc, d_scale, r_loc, r_scale = params
+        batch, k = diffusivity.shape
+        device = d_loc.device
         own = torch.arange(k, device=device).repeat(batch)  # component that simulated each row
         rows = torch.arange(batch * k, device=device)
         log_q = dist.Normal(d_loc[rows, own], d_scale[rows, own]).log_prob(diffusivity.log().reshape(-1))
@@ -427,6 +439,24 @@ class MixturePDE(nn.Module):
             truth = reaction.log()[rate_rows // k, rate_col]
             loss = loss - dist.Normal(r_loc[rate_rows, rate_col], r_scale[rate_rows, rate_col]).log_prob(truth).mean()
         return loss
+
+    def encode_amortized(self, signal: torch.Tensor, times: torch.Tensor, observed: torch.Tensor):
+        """One encoder pass: (subtype log-likelihoods (B, K) up to a constant per subject, then the
+        LogNormal parameters d_loc, d_scale (B, K), r_loc, r_scale (B, K_r) as ``encode``)."""
+        features = self.encoder.features(signal, times, observed)
+        return (self.subtype_head(features), *self.encoder.head(features))
+
+    def amortized_loss(self, fields: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
+                       diffusivity: torch.Tensor, reaction: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Synthetic subjects, fields (B, K, T, n) simulated by every component k from diffusivity
+        (B, K) and reaction (B, K_r) -> (mean -log q_k(theta_k | x_k), mean cross-entropy of the
+        subtype head against the simulating component); every component appears equally often."""
+        k = fields.shape[1]
+        flat = fields.reshape(-1, *fields.shape[2:])
+        logits, *params = self.encode_amortized(flat, times.repeat_interleave(k, 0), observed.repeat_interleave(k, 0))
+        own = torch.arange(k, device=flat.device).repeat(fields.shape[0])
+        cross_entropy = torch.nn.functional.cross_entropy(logits, own)
+        return self._own_component_nll(params, diffusivity, reaction), cross_entropy
 
     def distillation_loss(self, signal: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
                           refined: RefinedPosterior) -> torch.Tensor:
@@ -456,7 +486,9 @@ class MixturePDE(nn.Module):
                 if layer is not self.encoder.head and hasattr(layer, "reset_parameters") and layer is not self:
                     layer.reset_parameters()
             self.encoder.head.reset_output_layer()
+            self.subtype_head.reset_parameters()
         with torch.no_grad():
+            self.amortized.fill_(False)
             self.set_population(*self._base_population())
             self.population_learned.fill_(False)
             self.population_tied.fill_(False)

@@ -1,0 +1,308 @@
+"""Amortized inference after the fit: the encoder learns the fitted model's posteriors from
+subjects simulated by that model (neural posterior estimation).
+
+Each step draws a batch of the cohort's own subjects for their first scans, visit times and missing
+visits, draws (D, r) of every component from the fitted population priors, solves every component's
+PDE and adds noise at the fitted noise scale. Every synthetic subject x_k simulated by component k
+then trains
+
+* the LogNormal head q_k(D, r | x) by -log q_k(theta_k | x_k): its minimiser over a rich enough
+  family is the component-conditional posterior p(theta | x, subtype = k), averaged over the
+  fitted model's prior predictive;
+* the subtype head by cross-entropy against k, with every component equally often: its softmax is
+  p(subtype = k | x) under equal weights, so adding log w gives the posterior under weights w.
+
+The simulations follow the fitted model, so the amortized posteriors are calibrated on average
+over it (simulation-based calibration checks exactly this, ``inference.sbc``); for subjects unlike
+the simulations they can be wrong, which ``posterior`` detects and refines.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.cohort import CohortTensors
+from ..model.likelihood import observation_sd
+from ..model.module import MixturePDE
+from .encoding import global_means
+
+DEFAULT_STEPS = 4000
+BANK_BYTES = 512 * 2 ** 20  # noise-free simulations kept for reuse
+BANK_REUSE = 4  # each simulated draw is used this many times on average (with fresh noise)
+MIN_BANK = 1024
+
+
+@dataclass
+class AmortizationReport:
+    """What the amortization stage did: ``steps`` taken, the loss per step (``nll``: -log q of the
+    truth, nats per component; ``cross_entropy``: of the subtype head, nats), and on a held-out
+    simulated set of ``n_validation`` subjects per component: the subtype head's accuracy and mean
+    top probability (its calibration gap is their difference), and the 90% interval coverage of
+    log D and log r by q under the simulating component."""
+
+    steps: int
+    seconds: float
+    bank: int = 0
+    nll: list[float] = field(default_factory=list)
+    cross_entropy: list[float] = field(default_factory=list)
+    validation: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        tail = max(1, len(self.nll) // 10)
+        return {"steps": self.steps, "seconds": round(self.seconds, 1), "simulation_bank": self.bank,
+                "final_nll": float(sum(self.nll[-tail:]) / tail) if self.nll else math.nan,
+                "final_cross_entropy": (float(sum(self.cross_entropy[-tail:]) / tail) if self.cross_entropy
+                                        else math.nan),
+                **self.validation}
+
+
+def simulate_clean(module: MixturePDE, data: CohortTensors, batch: int, generator: torch.Generator):
+    """Noise-free synthetic subjects like the cohort's: the first scans, visit times and missing
+    visits of ``batch`` subjects drawn from ``data``, (D, r) of every component drawn from the
+    fitted population priors, every component's PDE solved with the model's own solver.
+
+    Returns fields (B, K, T, n), times (B, T), observed (B, T), diffusivity (B, K), reaction (B, K_r) or None.
+    """
+    pick = torch.randint(data.n_subjects, (batch,), generator=generator)
+    u0 = data.signal[pick, 0]
+    times, observed = data.times[pick], data.observed[pick]
+    with torch.no_grad():
+        log_d, log_r = module.draw_population(batch, u0.dtype, None, generator)
+        log_d, log_r = log_d.to(u0.device), None if log_r is None else log_r.to(u0.device)
+        diffusivity, reaction = torch.exp(log_d), None if log_r is None else torch.exp(log_r)
+        # the model's own solver: the sleep phase's coarse solves are biased by 0.003 on the paper grid,
+        # enough to shift the amortized posterior of r off the real subjects'
+        fields = module.predict(u0, times, diffusivity, reaction)  # (B, K, T, n)
+    return fields, times, observed, diffusivity, reaction
+
+
+def add_noise(fields: torch.Tensor, observed: torch.Tensor, noise_sd: float,
+              generator: torch.Generator) -> torch.Tensor:
+    """fields (B, K, T, n) plus Gaussian noise of sd ``noise_sd`` on the later visits, zero at missing visits."""
+    noise = torch.randn(fields[:, :, 1:].shape, generator=generator, dtype=fields.dtype).to(fields.device)
+    out = fields.clone()
+    out[:, :, 1:] += noise_sd * noise
+    return out * observed[:, None, :, None]
+
+
+def simulate_like(module: MixturePDE, data: CohortTensors, batch: int, noise_sd: float,
+                  generator: torch.Generator):
+    """``simulate_clean`` with noise of sd ``noise_sd`` (``add_noise``): fields (B, K, T, n), times,
+    observed, diffusivity, reaction."""
+    fields, times, observed, diffusivity, reaction = simulate_clean(module, data, batch, generator)
+    return add_noise(fields, observed, noise_sd, generator), times, observed, diffusivity, reaction
+
+
+class _SimulationBank:
+    """Noise-free synthetic subjects solved once and drawn with fresh noise at every step: the
+    solves cost more than the encoder's step, and (D, r) of a few thousand draws per component
+    already cover the population (the noise, redrawn each time, is what varies most)."""
+
+    def __init__(self, module: MixturePDE, data: CohortTensors, size: int, generator: torch.Generator,
+                 chunk: int = 256):
+        parts = [simulate_clean(module, data, min(chunk, size - start), generator) for start in range(0, size, chunk)]
+        self.fields, self.times, self.observed, self.diffusivity = (torch.cat([p[i] for p in parts]) for i in range(4))
+        self.reaction = None if parts[0][4] is None else torch.cat([p[4] for p in parts])
+        self.size = size
+
+    def draw(self, batch: int, noise_sd: float, generator: torch.Generator):
+        pick = torch.randint(self.size, (batch,), generator=generator)
+        observed = self.observed[pick]
+        return (add_noise(self.fields[pick], observed, noise_sd, generator), self.times[pick], observed,
+                self.diffusivity[pick], None if self.reaction is None else self.reaction[pick])
+
+
+def bank_size(module: MixturePDE, data: CohortTensors, steps: int, batch_size: int,
+              max_bytes: float = BANK_BYTES) -> int:
+    """Draws kept in the simulation bank: every step's draws while they fit in ``max_bytes``,
+    else as many as fit (0: too few to be worth keeping; each step then simulates its own)."""
+    per_draw = module.n_components * data.signal.shape[1] * data.signal.shape[2] * data.signal.element_size()
+    size = min(steps * batch_size // BANK_REUSE, int(max_bytes // per_draw))
+    return size if size >= MIN_BANK else 0
+
+
+def amortize(module: MixturePDE, data: CohortTensors, steps: int = DEFAULT_STEPS, batch_size: int = 32,
+             lr: float = 2e-3, seed: int = 0, n_validation: int = 256, progress: bool = False) -> AmortizationReport:
+    """Train the encoder (body, LogNormal head, subtype head) on subjects simulated by the fitted
+    ``module`` like ``data``'s (see the module docstring); sets ``module.amortized``.
+
+    ``steps`` Adam steps of ``batch_size`` draws (each simulated by every component), learning
+    rate ``lr`` decayed to a tenth by a cosine schedule. Draws come from a bank of noise-free
+    simulations (``bank_size``) with fresh noise at every step. The populations, weights and noise
+    of the model are not changed; the noise of the simulations is the model's.
+    """
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    _, noise = global_means(module)
+    noise_sd = float(observation_sd(noise))
+    validation = simulate_like(module, data, n_validation, noise_sd, torch.Generator().manual_seed(seed + 1))
+    size = bank_size(module, data, steps, batch_size)
+    bank = _SimulationBank(module, data, size, generator) if size else None
+    params = list(module.encoder.parameters()) + list(module.subtype_head.parameters())
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1), eta_min=lr / 10)
+    report = AmortizationReport(steps=0, seconds=0.0, bank=size)
+    bar = tqdm(range(steps), desc="amortized posterior (simulated subjects)", unit="step", disable=not progress,
+               leave=False)
+    module.train()
+    for _ in bar:
+        batch = (bank.draw(batch_size, noise_sd, generator) if bank is not None
+                 else simulate_like(module, data, batch_size, noise_sd, generator))
+        nll, cross_entropy = module.amortized_loss(*batch)
+        loss = nll + cross_entropy
+        optimizer.zero_grad()
+        if torch.isfinite(loss):
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            optimizer.step()
+        schedule.step()
+        report.nll.append(float(nll.detach()))
+        report.cross_entropy.append(float(cross_entropy.detach()))
+        report.steps += 1
+        if progress and report.steps % 50 == 0:
+            bar.set_postfix(nll=f"{report.nll[-1]:.3f}", ce=f"{report.cross_entropy[-1]:.3f}")
+    bar.close()
+    with torch.no_grad():
+        module.amortized.fill_(True)
+    report.validation = simulated_check(module, *validation)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def simulated_check(module: MixturePDE, fields: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
+                    diffusivity: torch.Tensor, reaction: torch.Tensor | None, z90: float = 1.6448536269514722) -> dict:
+    """The amortized posterior on synthetic subjects (see ``simulate_like``) under equal weights:
+    subtype accuracy, mean top probability, and 90% coverage of log D, log r by the simulating
+    component's q."""
+    batch, k = fields.shape[:2]
+    flat = fields.reshape(-1, *fields.shape[2:])
+    with torch.no_grad():
+        logits, d_loc, d_scale, r_loc, r_scale = module.encode_amortized(
+            flat, times.repeat_interleave(k, 0), observed.repeat_interleave(k, 0))
+    probs = torch.softmax(logits.double(), dim=-1)
+    own = torch.arange(k).repeat(batch)
+    rows = torch.arange(batch * k)
+    covered_d = ((d_loc[rows, own] - diffusivity.log().reshape(-1)).abs() <= z90 * d_scale[rows, own]).double()
+    out = {"simulated_accuracy": float((probs.argmax(-1) == own).double().mean()),
+           "simulated_top_probability": float(probs.max(-1).values.mean()),
+           "simulated_coverage_d": float(covered_d.mean())}
+    if reaction is not None:
+        has = torch.tensor([int(o) in module.rate_index for o in own])
+        col = torch.tensor([module.rate_index.index(int(o)) if int(o) in module.rate_index else 0 for o in own])
+        truth = reaction.log()[rows // k, col]
+        covered = ((r_loc[rows, col] - truth).abs() <= z90 * r_scale[rows, col]).double()
+        out["simulated_coverage_r"] = float(covered[has].mean())
+    return out
+
+
+@dataclass
+class AmortizedCheck:
+    """Per-subject check of the amortized posterior on its most probable component k*: the
+    Gauss-Newton ``gain`` (N,) in nats, how much the log posterior of theta under k* would rise
+    by one Newton step from q's centre (0 at the mode; large when q sits off the mode), and
+    ``sd_ratio`` (N,), q's sd of log D over the Laplace approximation's at q's centre (1 when
+    q's width is right)."""
+
+    component: torch.Tensor
+    gain: torch.Tensor
+    sd_ratio: torch.Tensor
+
+
+def check_amortized(module: MixturePDE, data: CohortTensors, component: torch.Tensor, d_loc: torch.Tensor,
+                    d_scale: torch.Tensor, r_loc: torch.Tensor, noise_sd: float, dtype: torch.dtype = torch.float32,
+                    batch_size: int = 256) -> AmortizedCheck:
+    """``AmortizedCheck`` of every subject's q on ``component`` (N,) at observation sd ``noise_sd``:
+    three solves of that component per subject (q's centre and a forward difference in log D
+    and in log r, the model's own solver at step counts shared by the three) in ``dtype``
+    (difference step 1e-2 in float32, 1e-4 in float64).
+    d_loc, d_scale (N, K), r_loc (N, K) (NaN or unused where the component has no rate)."""
+    from ..physics import solve_active
+
+    n = data.n_subjects
+    step = 1e-2 if dtype == torch.float32 else 1e-4
+    gain = torch.zeros(n, dtype=torch.float64)
+    sd_ratio = torch.ones(n, dtype=torch.float64)
+    loc, scale = module.population_loc.double().cpu(), module.population_scale.double().cpu()
+    settings = module.solver_settings()
+    variance = noise_sd ** 2
+    for k in range(module.n_components):
+        rows = torch.nonzero(component == k).flatten()
+        has_rate = k in module.rate_index
+        term = (module.terms[k],)
+        for start in range(0, len(rows), batch_size):
+            idx = rows[start:start + batch_size]
+            b = len(idx)
+            signal = data.signal[idx].to(dtype)
+            times = data.times[idx].to(dtype)
+            mask = data.observed[idx, 1:].to(dtype)[..., None]
+            a0 = d_loc[idx, k].to(dtype)
+            r0 = r_loc[idx, k].to(dtype) if has_rate else torch.zeros(b, dtype=dtype)
+            points_a = torch.cat([a0, a0 + step] + ([a0] if has_rate else []))
+            points_b = torch.cat([r0, r0] + ([r0 + step] if has_rate else []))
+            reps = len(points_a) // b
+            rate = torch.exp(points_b) if has_rate else torch.zeros_like(points_b)
+            with torch.no_grad():
+                fields = solve_active(module.domain, signal[:, 0].repeat(reps, 1), times.repeat(reps, 1),
+                                      torch.exp(points_a)[:, None], rate[:, None], term, settings,
+                                      step_rates=(torch.exp(r0 + step) if has_rate else rate[:b]).repeat(reps))
+            resid = (fields[:, 0, 1:] - signal[:, 1:].repeat(reps, 1, 1)) * mask.repeat(reps, 1, 1)
+            resid = resid.reshape(reps, b, -1)
+            resid = resid.double()
+            a0, r0 = a0.double(), r0.double()
+            jac = [(resid[j] - resid[0]) / step for j in range(1, reps)]  # (B, M) each
+            prior_prec = [1.0 / scale[k, 0] ** 2] + ([1.0 / scale[k, 1] ** 2] if has_rate else [])
+            prior_dev = [a0 - loc[k, 0]] + ([r0 - loc[k, 1]] if has_rate else [])
+            grad = torch.stack([(j * resid[0]).sum(-1) / variance + p * d for j, p, d in
+                                zip(jac, prior_prec, prior_dev)], -1)  # (B, d)
+            hess = torch.stack([torch.stack([(ji * jj).sum(-1) / variance for jj in jac], -1) for ji in jac], -2)
+            hess = hess + torch.diag(torch.tensor(prior_prec, dtype=torch.float64))
+            cov = torch.linalg.inv(hess)
+            gain[idx] = 0.5 * (grad[:, None, :] @ cov @ grad[:, :, None])[:, 0, 0]
+            sd_ratio[idx] = d_scale[idx, k].double() / cov[:, 0, 0].sqrt()
+    return AmortizedCheck(component, gain, sd_ratio)
+
+
+@dataclass
+class TrustFlags:
+    """Which subjects ``TrustRule.flags`` sends to refinement (``refine`` (N,) bool) and why:
+    ``top_probability`` (N,), the ``check`` of the amortized posterior, and the ``rule`` applied."""
+
+    refine: torch.Tensor
+    top_probability: torch.Tensor
+    check: AmortizedCheck
+    rule: dict
+
+
+@dataclass(frozen=True)
+class TrustRule:
+    """When ``posterior(refine="auto")`` trusts the amortized guide for a subject: its top subtype
+    probability is at least ``min_top_probability`` (below it, the subtype is in doubt and the
+    refined evidence decides better than the head), and on that subtype q sits within
+    ``max_gain`` nats of the mode (``AmortizedCheck.gain``) with an sd of log D within a factor
+    ``max_sd_ratio`` of the Laplace approximation's at q's centre. Every other subject is refined."""
+
+    min_top_probability: float = 0.9
+    max_gain: float = 5.0
+    max_sd_ratio: float = 2.0
+
+    def flags(self, module: MixturePDE, data: CohortTensors, log_probs: torch.Tensor, guide,
+              noise_sd: float) -> TrustFlags:
+        """``TrustFlags`` of a cohort from its amortized ``log_probs`` (N, K) and ``guide``
+        (``GuideSummary``); the check solves only the subjects the probability rule keeps."""
+        top, component = log_probs.exp().max(dim=-1)
+        doubtful = (top < self.min_top_probability).cpu()
+        keep = torch.nonzero(~doubtful).flatten()
+        check = AmortizedCheck(component.cpu(), torch.zeros(len(top), dtype=torch.float64),
+                               torch.ones(len(top), dtype=torch.float64))
+        if len(keep):
+            part = check_amortized(module, data.subset(keep), component[keep].cpu(), guide.d_loc[keep].cpu(),
+                                   guide.d_scale[keep].cpu(), guide.r_loc[keep].cpu(), noise_sd)
+            check.gain[keep], check.sd_ratio[keep] = part.gain, part.sd_ratio
+        off = (check.gain > self.max_gain) | (check.sd_ratio > self.max_sd_ratio) | (
+            check.sd_ratio < 1.0 / self.max_sd_ratio) | ~torch.isfinite(check.gain)
+        return TrustFlags(doubtful | off, top.cpu(), check, dataclasses.asdict(self))

@@ -1,0 +1,150 @@
+"""The amortized posterior (inference.amortize): an encoder trained on subjects simulated by the
+model gives subtype probabilities and (D, r) posteriors in one pass; predict trusts it per subject."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pyrovae_pde.data import cohort_tensors, domain_from_dataset, simulate
+from pyrovae_pde.data.cohort import CohortTensors
+from pyrovae_pde.errors import InputError
+from pyrovae_pde.inference.amortize import TrustRule, amortize, check_amortized, simulate_like
+from pyrovae_pde.inference.encoding import encode_amortized_cohort
+from pyrovae_pde.inference.laplace import laplace_fit
+from pyrovae_pde.inference.posterior import posterior_dataset
+from pyrovae_pde.inference.sbc import simulation_based_calibration
+from pyrovae_pde.model.module import MixturePDE
+from pyrovae_pde.model.priors import LogNormalPrior, Priors
+
+COMPONENTS = ("diffusion", "fisher_kpp")
+NOISE = 0.02
+
+
+@pytest.fixture(scope="module")
+def amortized():
+    """A 2-mechanism graph model (its base priors as populations, noise 0.02) whose encoder was
+    amortized for 400 steps on subjects simulated like a 40-subject cohort's; (module, cohort)."""
+    ds = simulate("graph", 40, seed=3, noise_sd=NOISE, components=COMPONENTS)
+    domain = domain_from_dataset(ds)
+    data = cohort_tensors(ds, domain)
+    torch.manual_seed(0)
+    module = MixturePDE(domain, COMPONENTS, ds.sizes["visit"],
+                        Priors(LogNormalPrior(0.05, 1.0), LogNormalPrior(0.1, 1.0)), time_scale=5.0)
+    with torch.no_grad():
+        module.noise_loc.fill_(math.log(NOISE))
+    report = amortize(module, data, steps=400, seed=0)
+    assert bool(module.amortized) and report.steps == 400 and report.bank > 0
+    return module, data
+
+
+def _simulated(module, data, n, seed):
+    fields, times, observed, diffusivity, reaction = simulate_like(module, data, n, NOISE,
+                                                                   torch.Generator().manual_seed(seed))
+    return [CohortTensors([f"s{i}" for i in range(n)], fields[:, k], times, observed)
+            for k in range(module.n_components)], diffusivity, reaction
+
+
+def test_amortized_posterior_recovers_every_component_and_is_calibrated(amortized):
+    """New simulated subjects of each mechanism: the subtype head picks it (calibrated), and the
+    posterior means of D (and r) follow the truth; an encoder regressed to the prior would give
+    chance accuracy and no correlation."""
+    module, data = amortized
+    cohorts, diffusivity, reaction = _simulated(module, data, 300, seed=5)
+    accuracy, top = [], []
+    for k, cohort in enumerate(cohorts):
+        log_probs, guide = encode_amortized_cohort(module, cohort)
+        probs = log_probs.exp()
+        accuracy.append(float((probs.argmax(-1) == k).double().mean()))
+        top.append(float(probs.max(-1).values.mean()))
+        assert np.corrcoef(guide.d_loc[:, k], diffusivity[:, k].log())[0, 1] > 0.7, k
+        if k in module.rate_index:
+            column = module.rate_index.index(k)
+            assert np.corrcoef(guide.r_loc[:, k], reaction[:, column].log())[0, 1] > 0.8
+    assert min(accuracy) > 0.85, accuracy
+    assert abs(np.mean(top) - np.mean(accuracy)) < 0.05, (top, accuracy)
+
+
+def test_simulation_based_calibration_of_the_amortized_guide(amortized):
+    """SBC ranks of log D and log r among draws of the amortized guide are not rejected as uniform,
+    and not piled at the ends (an over-confident guide puts the truth outside its draws)."""
+    module, data = amortized
+    sbc = simulation_based_calibration(module, data, n_simulations=300, n_draws=9, seed=2, posterior="amortized")
+    assert sbc.attrs["posterior"] == "amortized guide"
+    tested = sbc["p_value"].values[np.isfinite(sbc["p_value"].values)]
+    assert len(tested) == 3  # D of both mechanisms, r of fisher_kpp
+    assert tested.min() > 1e-3, sbc["p_value"].values
+    ranks = sbc["rank"].values[np.isfinite(sbc["rank"].values)]
+    assert np.mean((ranks == 0) | (ranks == 9)) < 0.3  # 0.2 if uniform
+
+
+def test_amortized_sbc_needs_an_amortized_model(amortized):
+    module, data = amortized
+    fresh = module.submodel([0, 1])
+    with pytest.raises(InputError, match="--amortize-steps"):
+        simulation_based_calibration(fresh, data, n_simulations=5, posterior="amortized")
+
+
+def test_check_gain_is_the_newton_decrement_from_an_offset_centre(amortized):
+    """Reference: the converged Laplace fit (float64). At its mode the gain is ~0; from a centre
+    3 posterior sds of log D away it is 9/2 * C_aa * H_aa nats, and the sd ratio of the Laplace sd
+    itself is 1."""
+    module, data = amortized
+    cohort = data.subset(torch.arange(8))
+    fit = laplace_fit(module, cohort, NOISE, n_iter=30, tol=1e-9, dtype=torch.float64, broyden=False)
+    k = 1  # fisher_kpp: both coordinates
+    mode, cov = fit.mean[:, k], fit.cov[:, k]
+    component = torch.full((8,), k)
+
+    def check(offset):
+        d_loc = torch.zeros(8, 2, dtype=torch.float64)
+        r_loc = torch.zeros(8, 2, dtype=torch.float64)
+        d_loc[:, k] = mode[:, 0] + offset * cov[:, 0, 0].sqrt()
+        r_loc[:, k] = mode[:, 1]
+        d_scale = torch.ones(8, 2, dtype=torch.float64)
+        d_scale[:, k] = 1.0 / torch.linalg.inv(cov)[:, 0, 0].sqrt()  # the sd of log D given log r
+        return check_amortized(module, cohort, component, d_loc, d_scale, r_loc, NOISE, dtype=torch.float64)
+
+    at_mode = check(0.0)
+    assert at_mode.gain.max() < 0.05, at_mode.gain
+    expected = 4.5 * cov[:, 0, 0] * torch.linalg.inv(cov)[:, 0, 0]
+    off = check(3.0)
+    assert torch.allclose(off.gain, expected, rtol=0.15), (off.gain, expected)
+    conditional = 1.0 / torch.linalg.inv(cov)[:, 0, 0].sqrt() / cov[:, 0, 0].sqrt()
+    assert torch.allclose(at_mode.sd_ratio, conditional, rtol=0.05)
+
+
+def test_auto_predict_refines_exactly_the_subjects_the_rule_flags(amortized):
+    module, data = amortized
+    cohorts, _, _ = _simulated(module, data, 20, seed=9)
+    cohort = CohortTensors([f"s{i}" for i in range(40)], torch.cat([c.signal for c in cohorts]),
+                           torch.cat([c.times for c in cohorts]), torch.cat([c.observed for c in cohorts]))
+    alone = posterior_dataset(module, cohort, refine=False)
+    assert int(alone["refined"].sum()) == 0 and np.isnan(alone["log_evidence_component"].values).all()
+    trusting = posterior_dataset(module, cohort, refine="auto",
+                                 trust=TrustRule(min_top_probability=0.0, max_gain=math.inf, max_sd_ratio=math.inf))
+    assert trusting.attrs["n_refined"] == 0
+    np.testing.assert_allclose(trusting["subtype_prob"].values, alone["subtype_prob"].values)
+    doubting = posterior_dataset(module, cohort, refine="auto", trust=TrustRule(min_top_probability=1.01))
+    everyone = posterior_dataset(module, cohort, refine=True)
+    assert doubting.attrs["n_refined"] == 40 and int(everyone["refined"].sum()) == 40
+    np.testing.assert_allclose(doubting["subtype_prob"].values, everyone["subtype_prob"].values, atol=1e-6)
+    default = posterior_dataset(module, cohort, refine="auto")
+    refined = default["refined"].values.astype(bool)
+    probs = default["subtype_prob"].values
+    assert (probs.max(1)[~refined] >= TrustRule().min_top_probability).all()
+    np.testing.assert_allclose(probs[~refined], alone["subtype_prob"].values[~refined])
+    truth = np.repeat([0, 1], 20)
+    assert (probs.argmax(1) == truth).mean() >= (everyone["subtype_prob"].values.argmax(1) == truth).mean() - 0.05
+
+
+def test_runs_saved_before_the_subtype_head_load_unamortized_and_refine_everyone(amortized):
+    module, data = amortized
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("subtype_head.") and k != "amortized"}
+    old = module.submodel([0, 1])
+    old.load_state_dict(state)
+    assert not bool(old.amortized)
+    post = posterior_dataset(old, data.subset(torch.arange(6)), refine="auto")
+    assert post.attrs["n_refined"] == 6
