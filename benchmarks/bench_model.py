@@ -6,8 +6,10 @@ Scenarios (each trains on one seed and scores NEW subjects simulated with anothe
 * ``paper-noisy``: paper-grid, noise sd 0.05 on visits after the first.
 * ``graph``: graph benchmark, 2-5 irregular visits, noise sd 0.02, diffusion + fisher_kpp.
 
-Also times ``predict`` (default, Laplace-refined; and ``refine=False``) on the new subjects and
-compares it per subject with the classic
+Also times ``predict`` on the new subjects (default ``refine="auto"``: the amortized encoder
+alone where its check passes, refined elsewhere; ``refine=True``: every subject refined;
+``refine=False``: the encoder alone), runs the simulation-based calibration of the amortized
+guide (``--sbc`` subjects, 19 draws each), and compares predict per subject with the classic
 per-subject least-squares fit of each PDE (scipy ``least_squares`` on a sample of subjects).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_model.py --scenario paper-clean --subjects 1000
@@ -74,6 +76,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the figures here too")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where fit and predict run")
     parser.add_argument("--batch-size", type=int, default=16, help="SVI minibatch (subjects per step)")
+    parser.add_argument("--amortize-steps", type=int, default=None, help="amortization steps after the fit "
+                        "(default: the package's)")
+    parser.add_argument("--sbc", type=int, default=1000,
+                        help="simulated subjects of the simulation-based calibration of the amortized guide (0: none)")
     parser.add_argument("--particles", type=int, default=None,
                         help="also time and score predict with this many Laplace-proposal importance draws "
                              "(0: the Laplace approximation alone)")
@@ -87,7 +93,8 @@ def main(argv=None) -> int:
     model = SubtypeModel(sc["components"], priors=sc["priors"])
     start = time.perf_counter()
     model.fit(train_ds, epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty(), device=args.device,
-              batch_size=args.batch_size)
+              batch_size=args.batch_size,
+              **({} if args.amortize_steps is None else {"amortize_steps": args.amortize_steps}))
     fit_s = time.perf_counter() - start
     rss_after_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     start = time.perf_counter()
@@ -95,9 +102,22 @@ def main(argv=None) -> int:
     fast_s = time.perf_counter() - start
     fast_metrics = recovery_metrics(fast, test_ds)
     start = time.perf_counter()
-    post = model.posterior(test_ds, device=args.device)
+    post = model.posterior(test_ds, device=args.device)  # the default: refine="auto"
     predict_s = time.perf_counter() - start
     metrics = recovery_metrics(post, test_ds)
+    start = time.perf_counter()
+    every = model.posterior(test_ds, device=args.device, refine=True)
+    refine_all_s = time.perf_counter() - start
+    every_metrics = recovery_metrics(every, test_ds)
+    sbc = {}
+    if args.sbc and model.module_.amortized:
+        from pyrovae_pde.inference.sbc import simulation_based_calibration
+
+        result = simulation_based_calibration(model, test_ds, n_simulations=args.sbc, n_draws=19, seed=args.seed,
+                                              posterior="amortized")
+        sbc = {"sbc_amortized_p_values": {f"{k}/{par}": round(float(result["p_value"].sel(subtype=k, parameter=par)), 4)
+                                          for k in result["subtype"].values for par in result["parameter"].values
+                                          if int(result["count"].sel(subtype=k, parameter=par)) > 0}}
     sampled = {}
     if args.particles is not None:
         start = time.perf_counter()
@@ -118,6 +138,10 @@ def main(argv=None) -> int:
         "predict_ms_per_subject": round(1000 * predict_s / args.test_subjects, 3),
         "classic_fit_s_per_subject": round(classic_s, 2),
         "speedup_per_subject_vs_classic": round(classic_s / (predict_s / args.test_subjects), 1),
+        "amortization": model.history_.amortization,
+        "n_refined_by_default": int(post.attrs["n_refined"]),
+        "predict_refine_all_seconds": round(refine_all_s, 2),
+        "refine_all_metrics": {k: round(v, 4) for k, v in every_metrics.items()}, **sbc,
         "predict_no_refine_seconds": round(fast_s, 2),
         "speedup_no_refine_vs_classic": round(classic_s / (fast_s / args.test_subjects), 1),
         "no_refine_metrics": {k: round(v, 4) for k, v in fast_metrics.items()}, **sampled,
