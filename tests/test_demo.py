@@ -28,7 +28,8 @@ def quick_fits(monkeypatch):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
 def test_demo_simulates_a_noisy_unequal_cohort_fits_scores_and_reports(tmp_path, capsys, quick_fits):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--subjects", "60", "--test-subjects", "40", "--epochs", "6"]) == 0
+    assert main(["demo", "--out", str(out), "--subjects", "60", "--test-subjects", "40", "--epochs", "6",
+                 "--amortize-steps", "150"]) == 0
     stdout = capsys.readouterr().out
     # the cohort is noisy and its subtypes unequal, as printed
     assert "fisher_kpp 50%, saturating 30%, zeldovich 20%" in stdout and "noise sd 0.05" in stdout

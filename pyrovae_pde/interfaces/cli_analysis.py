@@ -237,6 +237,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=at_least(2), default=5, help="K of the K-fold cross-validation (default 5)")
     p.add_argument("--out", required=True, help="output directory (comparison.csv, comparison.png, verdict.txt, runs/)")
     add_training_arguments(p)
+    p.set_defaults(amortize_steps=0)  # the evidence does not use an amortized encoder: not worth its time
     p.add_argument("--draws", type=at_least(1), default=200, help="posterior draws of the globals (default 200)")
     p.add_argument("--evidence-population", choices=("base", "learned"), default="base",
                    help="population priors the models are compared under: base (default: the --prior ranges, "
