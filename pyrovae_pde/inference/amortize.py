@@ -237,11 +237,12 @@ def check_amortized(module: MixturePDE, data: CohortTensors, component: torch.Te
         for start in range(0, len(rows), batch_size):
             idx = rows[start:start + batch_size]
             b = len(idx)
-            signal = data.signal[idx].to(dtype)
-            times = data.times[idx].to(dtype)
-            mask = data.observed[idx, 1:].to(dtype)[..., None]
-            a0 = d_loc[idx, k].to(dtype)
-            r0 = r_loc[idx, k].to(dtype) if has_rate else torch.zeros(b, dtype=dtype)
+            on = idx.to(data.signal.device)  # the solves run where the data is (CPU or CUDA)
+            signal = data.signal[on].to(dtype)
+            times = data.times[on].to(dtype)
+            mask = data.observed[on, 1:].to(dtype)[..., None]
+            a0 = d_loc[idx, k].to(signal)
+            r0 = r_loc[idx, k].to(signal) if has_rate else signal.new_zeros(b)
             points_a = torch.cat([a0, a0 + step] + ([a0] if has_rate else []))
             points_b = torch.cat([r0, r0] + ([r0 + step] if has_rate else []))
             reps = len(points_a) // b
@@ -252,8 +253,8 @@ def check_amortized(module: MixturePDE, data: CohortTensors, component: torch.Te
                                       step_rates=(torch.exp(r0 + step) if has_rate else rate[:b]).repeat(reps))
             resid = (fields[:, 0, 1:] - signal[:, 1:].repeat(reps, 1, 1)) * mask.repeat(reps, 1, 1)
             resid = resid.reshape(reps, b, -1)
-            resid = resid.double()
-            a0, r0 = a0.double(), r0.double()
+            resid = resid.double().cpu()
+            a0, r0 = a0.double().cpu(), r0.double().cpu()
             jac = [(resid[j] - resid[0]) / step for j in range(1, reps)]  # (B, M) each
             prior_prec = [1.0 / scale[k, 0] ** 2] + ([1.0 / scale[k, 1] ** 2] if has_rate else [])
             prior_dev = [a0 - loc[k, 0]] + ([r0 - loc[k, 1]] if has_rate else [])
