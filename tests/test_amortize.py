@@ -3,6 +3,7 @@ model gives subtype probabilities and (D, r) posteriors in one pass; predict tru
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -148,3 +149,35 @@ def test_runs_saved_before_the_subtype_head_load_unamortized_and_refine_everyone
     assert not bool(old.amortized)
     post = posterior_dataset(old, data.subset(torch.arange(6)), refine="auto")
     assert post.attrs["n_refined"] == 6
+
+
+def test_predict_and_sbc_commands_use_the_amortized_encoder(amortized, tmp_path, capsys):
+    """The CLI on a saved amortized run: predict says how many subjects it refined (auto by
+    default, none with --refine none); sbc --posterior amortized ranks draws of the encoder alone;
+    on a run without amortization that is one clear error naming the fix."""
+    from pyrovae_pde.data import save_dataset
+    from pyrovae_pde.interfaces.api import SubtypeModel
+    from pyrovae_pde.interfaces.cli import main
+
+    module, _ = amortized
+    model = SubtypeModel(module.components, priors=module.priors)
+    model.domain_, model.time_scale_, model.module_ = module.domain, module.time_scale, module
+    model.save(tmp_path / "run")
+    cohort = tmp_path / "new.nc"
+    save_dataset(simulate("graph", 12, seed=8, noise_sd=NOISE, components=COMPONENTS), cohort)
+    assert main(["predict", str(tmp_path / "run"), str(cohort), "--out", str(tmp_path / "auto.nc")]) == 0
+    assert main(["predict", str(tmp_path / "run"), str(cohort), "--refine", "none",
+                 "--out", str(tmp_path / "none.nc")]) == 0
+    out = capsys.readouterr().out
+    counts = [(int(a), int(b)) for a, b in re.findall(r"\((\d+) refined, (\d+) by the encoder alone\)", out)]
+    assert len(counts) == 2 and sum(counts[0]) == 12 and counts[1] == (0, 12), out
+    assert main(["sbc", str(tmp_path / "run"), str(cohort), "--posterior", "amortized", "--simulations", "40",
+                 "--draws", "9", "--out", str(tmp_path / "sbc")]) == 0
+    assert "amortized guide" in capsys.readouterr().out
+    old = SubtypeModel(module.components, priors=module.priors)
+    old.domain_, old.time_scale_, old.module_ = module.domain, module.time_scale, module.submodel([0, 1])
+    old.save(tmp_path / "old")
+    assert main(["sbc", str(tmp_path / "old"), str(cohort), "--posterior", "amortized",
+                 "--out", str(tmp_path / "sbc_old")]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning:")]
+    assert len(err) == 1 and "--amortize-steps" in err[0] and "Traceback" not in err[0], err
