@@ -171,6 +171,9 @@ def test_predict_and_sbc_commands_use_the_amortized_encoder(amortized, tmp_path,
     out = capsys.readouterr().out
     counts = [(int(a), int(b)) for a, b in re.findall(r"\((\d+) refined, (\d+) by the encoder alone\)", out)]
     assert len(counts) == 2 and sum(counts[0]) == 12 and counts[1] == (0, 12), out
+    assert main(["predict", str(tmp_path / "run"), str(cohort), "--trust-probability", "1.5",
+                 "--out", str(tmp_path / "bad.nc")]) == 2
+    assert "--trust-probability 1.5" in capsys.readouterr().err and not (tmp_path / "bad.nc").exists()
     assert main(["sbc", str(tmp_path / "run"), str(cohort), "--posterior", "amortized", "--simulations", "40",
                  "--draws", "9", "--out", str(tmp_path / "sbc")]) == 0
     assert "amortized guide" in capsys.readouterr().out

@@ -17,6 +17,7 @@ from ..data.cohort import CohortTensors, LazyCohort, cohort_tensors, domain_from
 from ..data.contract import read_json_file, read_torch_file
 from ..errors import ModelError, PyrovaePDEError
 from ..inference import distributed as ddp
+from ..inference.amortize import TrustRule
 from ..inference.posterior import posterior_dataset
 from ..inference.ppc import DEFAULT_THRESHOLD
 from ..inference.quadrature import DEFAULT_TOLERANCE
@@ -167,7 +168,7 @@ class SubtypeModel:
     # ------------------------------------------------------------------ posterior
     def posterior(self, ds: xr.Dataset, n_particles: int | None = None, seed: int = 0, device: str = "cpu",
                   source: str = "<dataset>", refine: bool | str = "auto", n_iter: int = 3,
-                  distributed: bool = False) -> xr.Dataset | None:
+                  distributed: bool = False, trust: TrustRule | None = None) -> xr.Dataset | None:
         """Posterior summary for the subjects of ``ds`` (any cohort on the fitted domain).
 
         Returns the posterior contract: ``subtype_prob`` (subject, subtype), ``diffusivity`` and
@@ -179,8 +180,9 @@ class SubtypeModel:
         with 128 draws on domains of at most 256 nodes (graphs), and not on larger ones.
         ``refine="auto"`` (default): a model amortized by ``fit`` takes the encoder's posterior
         alone for the subjects whose check passes and refines the others (variable ``refined``,
-        attribute ``n_refined``); ``refine=True`` refines every subject; ``refine=False`` uses the
-        encoder alone (see ``inference.posterior.posterior_dataset``).
+        attribute ``n_refined``; ``trust``: an ``inference.amortize.TrustRule``, the rule of that
+        check); ``refine=True`` refines every subject; ``refine=False`` uses the encoder alone (see
+        ``inference.posterior.posterior_dataset``).
         ``distributed=True`` (in torchrun): rank r of P reads and predicts only the subjects r, r + P,
         ... of ``ds``; rank 0 returns the whole cohort's posterior (see ``posterior_dataset``), the others None.
         """
@@ -192,7 +194,7 @@ class SubtypeModel:
             module.to(dev)
             try:
                 post = posterior_dataset(module, data.to(dev), n_particles=n_particles, seed=seed, refine=refine,
-                                         n_iter=n_iter, share=share)
+                                         n_iter=n_iter, share=share, trust=trust)
             finally:
                 module.to("cpu")
         if post is not None:

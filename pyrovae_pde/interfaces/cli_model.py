@@ -175,11 +175,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if lead:
         warn_if_unconverged(model, args.run_dir)
     ds = load_dataset(args.data, lazy=distributed)  # distributed: each rank reads its own subjects
+    trust = None
+    if args.trust_probability is not None:
+        from ..inference.amortize import TrustRule
+
+        if not 0.0 <= args.trust_probability <= 1.0:
+            raise UserError(f"--trust-probability {args.trust_probability}: give a probability in [0, 1]")
+        trust = TrustRule(min_top_probability=args.trust_probability)
     start = time.perf_counter()
     _rank_device(args)
     post = model.posterior(ds, n_particles=args.particles, seed=args.seed, device=args.device, source=str(args.data),
                            refine={"auto": "auto", "all": True, "none": False}[args.refine], n_iter=args.iterations,
-                           distributed=distributed)
+                           distributed=distributed, trust=trust)
     if post is None:  # distributed: rank 0 gathered this rank's subjects and writes
         return 0
     atomic_write(args.out, lambda tmp: post.to_netcdf(tmp, engine="h5netcdf"))
@@ -276,6 +283,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "all: refine every subject; none: the encoder alone")
     p.add_argument("--no-refine", dest="refine", action="store_const", const="none",
                    help="the same as --refine none")
+    p.add_argument("--trust-probability", type=float, default=None, metavar="P",
+                   help="--refine auto keeps the encoder's answer only for subjects whose top subtype probability "
+                        "is at least P (default 0.9; lower: faster, fewer subjects refined)")
     p.add_argument("--particles", type=at_least(0), default=None,
                    help="importance samples per subject and subtype: from the Laplace approximation "
                         "(default 128 on domains of at most 256 nodes, else 0: Laplace alone), or from "
