@@ -127,14 +127,17 @@ def bank_size(module: MixturePDE, data: CohortTensors, steps: int, batch_size: i
 
 
 def amortize(module: MixturePDE, data: CohortTensors, steps: int = DEFAULT_STEPS, batch_size: int = 32,
-             lr: float = 2e-3, seed: int = 0, n_validation: int = 256, progress: bool = False) -> AmortizationReport:
+             lr: float = 2e-3, seed: int = 0, n_validation: int = 256, n_calibration: int = 1024,
+             progress: bool = False) -> AmortizationReport:
     """Train the encoder (body, LogNormal head, subtype head) on subjects simulated by the fitted
     ``module`` like ``data``'s (see the module docstring); sets ``module.amortized``.
 
     ``steps`` Adam steps of ``batch_size`` draws (each simulated by every component), learning
     rate ``lr`` decayed to a tenth by a cosine schedule. Draws come from a bank of noise-free
-    simulations (``bank_size``) with fresh noise at every step. The populations, weights and noise
-    of the model are not changed; the noise of the simulations is the model's.
+    simulations (``bank_size``) with fresh noise at every step. Then ``calibrate`` on
+    ``n_calibration`` new simulations, and the report's checks on ``n_validation`` others. The
+    populations, weights and noise of the model are not changed; the noise of the simulations is
+    the model's.
     """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
@@ -169,9 +172,44 @@ def amortize(module: MixturePDE, data: CohortTensors, steps: int = DEFAULT_STEPS
     bar.close()
     with torch.no_grad():
         module.amortized.fill_(True)
-    report.validation = simulated_check(module, *validation)
+    calibration = calibrate(module, data, n_calibration, noise_sd, torch.Generator().manual_seed(seed + 2))
+    report.validation = {**calibration, **simulated_check(module, *validation)}
     report.seconds = time.perf_counter() - start
     return report
+
+
+def calibrate(module: MixturePDE, data: CohortTensors, n: int, noise_sd: float, generator: torch.Generator) -> dict:
+    """Affine recalibration of the amortized q on ``n`` new simulations per component: with
+    z = (theta - loc) / scale of the simulating component's q, set ``module.amortized_shift`` to
+    the mean of z and ``amortized_stretch`` to its sd, per (component, coordinate), so that on
+    average over the model's prior predictive q is centred and as wide as its errors. (Measured
+    on the paper grid: the trained q sat 0.2-0.4 of its sd below the truth, a precision limit of
+    its last layer against posterior sds of 0.015 in log D.) Returns them."""
+    with torch.no_grad():
+        module.amortized_shift.zero_()
+        module.amortized_stretch.fill_(1.0)
+    if n < 2:
+        return {}
+    fields, times, observed, diffusivity, reaction = simulate_like(module, data, n, noise_sd, generator)
+    k = fields.shape[1]
+    with torch.no_grad():
+        _, d_loc, d_scale, r_loc, r_scale = module.encode_amortized(
+            fields.reshape(-1, *fields.shape[2:]), times.repeat_interleave(k, 0), observed.repeat_interleave(k, 0))
+    own = torch.arange(k).repeat(n)
+    rows = torch.arange(n * k)
+    shift, stretch = torch.zeros(k, 2, dtype=torch.float64), torch.ones(k, 2, dtype=torch.float64)
+    z_d = ((diffusivity.log().reshape(-1) - d_loc[rows, own]) / d_scale[rows, own]).double().cpu()
+    for c in range(k):
+        z = z_d[own == c]
+        shift[c, 0], stretch[c, 0] = z.mean(), z.std()
+    for j, c in enumerate(module.rate_index):
+        pick = own == c
+        z = ((reaction[:, j].log() - r_loc[pick, j]) / r_scale[pick, j]).double().cpu()
+        shift[c, 1], stretch[c, 1] = z.mean(), z.std()
+    with torch.no_grad():
+        module.amortized_shift.copy_(shift.to(module.amortized_shift))
+        module.amortized_stretch.copy_(stretch.to(module.amortized_stretch))
+    return {"calibration_shift": shift.tolist(), "calibration_stretch": stretch.tolist()}
 
 
 def simulated_check(module: MixturePDE, fields: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,

@@ -106,6 +106,10 @@ class MixturePDE(nn.Module):
         # Amortized p(subtype | scans), trained after the fit on simulated subjects (inference.amortize)
         self.subtype_head = SubtypeHead(n_features, self.n_components)
         self.register_buffer("amortized", torch.tensor(False))  # True once the subtype head is trained
+        # Affine recalibration of the amortized q per (component, coordinate) on held-out simulations:
+        # loc + shift * scale, scale * stretch (inference.amortize.calibrate)
+        self.register_buffer("amortized_shift", torch.zeros(self.n_components, 2))
+        self.register_buffer("amortized_stretch", torch.ones(self.n_components, 2))
         # Guide parameters of the global latents. The Dirichlet's concentration is learned in log
         # space: its optimum grows with the cohort (about 1 + N w_k), far beyond what additive
         # steps reach.
@@ -373,6 +377,8 @@ class MixturePDE(nn.Module):
         for name, value in self.subtype_head.state_dict(prefix=prefix + "subtype_head.").items():
             state_dict.setdefault(name, value)
         state_dict.setdefault(prefix + "amortized", torch.tensor(False))
+        state_dict.setdefault(prefix + "amortized_shift", torch.zeros(self.n_components, 2))
+        state_dict.setdefault(prefix + "amortized_stretch", torch.ones(self.n_components, 2))
         state_dict.setdefault(prefix + "population_tied", torch.tensor(False))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -440,11 +446,19 @@ class MixturePDE(nn.Module):
             loss = loss - dist.Normal(r_loc[rate_rows, rate_col], r_scale[rate_rows, rate_col]).log_prob(truth).mean()
         return loss
 
-    def encode_amortized(self, signal: torch.Tensor, times: torch.Tensor, observed: torch.Tensor):
+    def encode_amortized(self, signal: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
+                         calibrated: bool = True):
         """One encoder pass: (subtype log-likelihoods (B, K) up to a constant per subject, then the
-        LogNormal parameters d_loc, d_scale (B, K), r_loc, r_scale (B, K_r) as ``encode``)."""
+        LogNormal parameters d_loc, d_scale (B, K), r_loc, r_scale (B, K_r) as ``encode``), with
+        the recalibration ``amortized_shift``/``amortized_stretch`` applied unless ``calibrated=False``."""
         features = self.encoder.features(signal, times, observed)
-        return (self.subtype_head(features), *self.encoder.head(features))
+        d_loc, d_scale, r_loc, r_scale = self.encoder.head(features)
+        if calibrated:
+            shift, stretch = self.amortized_shift.to(d_loc), self.amortized_stretch.to(d_loc)
+            d_loc, d_scale = d_loc + shift[:, 0] * d_scale, d_scale * stretch[:, 0]
+            ri = self.rate_index
+            r_loc, r_scale = r_loc + shift[ri, 1] * r_scale, r_scale * stretch[ri, 1]
+        return self.subtype_head(features), d_loc, d_scale, r_loc, r_scale
 
     def amortized_loss(self, fields: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
                        diffusivity: torch.Tensor, reaction: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,7 +467,8 @@ class MixturePDE(nn.Module):
         subtype head against the simulating component); every component appears equally often."""
         k = fields.shape[1]
         flat = fields.reshape(-1, *fields.shape[2:])
-        logits, *params = self.encode_amortized(flat, times.repeat_interleave(k, 0), observed.repeat_interleave(k, 0))
+        logits, *params = self.encode_amortized(flat, times.repeat_interleave(k, 0), observed.repeat_interleave(k, 0),
+                                                calibrated=False)
         own = torch.arange(k, device=flat.device).repeat(fields.shape[0])
         cross_entropy = torch.nn.functional.cross_entropy(logits, own)
         return self._own_component_nll(params, diffusivity, reaction), cross_entropy
@@ -489,6 +504,8 @@ class MixturePDE(nn.Module):
             self.subtype_head.reset_parameters()
         with torch.no_grad():
             self.amortized.fill_(False)
+            self.amortized_shift.zero_()
+            self.amortized_stretch.fill_(1.0)
             self.set_population(*self._base_population())
             self.population_learned.fill_(False)
             self.population_tied.fill_(False)
