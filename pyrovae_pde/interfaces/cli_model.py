@@ -52,7 +52,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amortize-steps", type=at_least(0), default=None,
                    help="after the fit, steps of training the encoder on subjects simulated by the fitted model, "
                         "so that predict can skip the per-subject refinement where the encoder passes its check "
-                        "(fit: 4000, demo: 2000, compare: 0 (the evidence does not use it); 0: none, predict then "
+                        "(fit: 4000, demo: 1000, compare: 0 (the evidence does not use it); 0: none, predict then "
                         "refines every subject)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
@@ -309,4 +309,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--report-draws", type=at_least(0), default=20,
                    help="posterior draws of the report's fitted fields (default 20; 0: observed fields only)")
     add_training_arguments(p)
-    p.set_defaults(handler=cmd_demo, amortize_steps=2000)  # a shorter amortization: the demo takes minutes
+    p.set_defaults(handler=cmd_demo, amortize_steps=1000)  # a shorter amortization: the demo takes minutes
