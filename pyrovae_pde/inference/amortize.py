@@ -152,6 +152,7 @@ def amortize(module: MixturePDE, data: CohortTensors, steps: int = DEFAULT_STEPS
     report = AmortizationReport(steps=0, seconds=0.0, bank=size)
     bar = tqdm(range(steps), desc="amortized posterior (simulated subjects)", unit="step", disable=not progress,
                leave=False)
+    was_training = module.training
     module.train()
     for _ in bar:
         batch = (bank.draw(batch_size, noise_sd, generator) if bank is not None
@@ -170,6 +171,7 @@ def amortize(module: MixturePDE, data: CohortTensors, steps: int = DEFAULT_STEPS
         if progress and report.steps % 50 == 0:
             bar.set_postfix(nll=f"{report.nll[-1]:.3f}", ce=f"{report.cross_entropy[-1]:.3f}")
     bar.close()
+    module.train(was_training)
     with torch.no_grad():
         module.amortized.fill_(True)
     calibration = calibrate(module, data, n_calibration, noise_sd, torch.Generator().manual_seed(seed + 2))
