@@ -30,6 +30,7 @@ from ..data.cohort import CohortTensors
 from ..model.likelihood import observation_sd
 from ..model.module import MixturePDE
 from .encoding import global_means
+from .laplace import posterior_hessian
 
 DEFAULT_STEPS = 4000
 BANK_BYTES = 512 * 2 ** 20  # noise-free simulations kept for reuse
@@ -180,6 +181,26 @@ def amortize(module: MixturePDE, data: CohortTensors, steps: int = DEFAULT_STEPS
     return report
 
 
+def _standardized_errors(module: MixturePDE, fields: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
+                         diffusivity: torch.Tensor, reaction: torch.Tensor | None):
+    """The amortized posterior of synthetic subjects simulated by every component (``simulate_like``):
+    subtype logits (B * K, K), the simulating component of each row (B * K,), and the truth's
+    z = (theta - loc) / scale under that component's q for log D and log r (B * K,) each (NaN for
+    log r of rate-free components), all on the CPU."""
+    with torch.no_grad():
+        logits, d_loc, d_scale, r_loc, r_scale = module.encode_amortized(
+            *module.flatten_simulated(fields, times, observed))
+    batch, k = diffusivity.shape
+    own = torch.arange(k).repeat(batch)
+    rows = torch.arange(batch * k)
+    z_d = ((diffusivity.log().reshape(-1).cpu() - d_loc[rows, own].cpu()) / d_scale[rows, own].cpu()).double()
+    z_r = torch.full((batch * k,), torch.nan, dtype=torch.float64)
+    for j, c in enumerate(module.rate_index):
+        pick = own == c
+        z_r[pick] = ((reaction[:, j].log().cpu() - r_loc[pick, j].cpu()) / r_scale[pick, j].cpu()).double()
+    return logits.cpu(), own, z_d, z_r
+
+
 def calibrate(module: MixturePDE, data: CohortTensors, n: int, noise_sd: float, generator: torch.Generator) -> dict:
     """Affine recalibration of the amortized q on ``n`` new simulations per component: with
     z = (theta - loc) / scale of the simulating component's q, set ``module.amortized_shift`` to
@@ -192,22 +213,13 @@ def calibrate(module: MixturePDE, data: CohortTensors, n: int, noise_sd: float, 
         module.amortized_stretch.fill_(1.0)
     if n < 2:
         return {}
-    fields, times, observed, diffusivity, reaction = simulate_like(module, data, n, noise_sd, generator)
-    k = fields.shape[1]
-    with torch.no_grad():
-        _, d_loc, d_scale, r_loc, r_scale = module.encode_amortized(
-            fields.reshape(-1, *fields.shape[2:]), times.repeat_interleave(k, 0), observed.repeat_interleave(k, 0))
-    own = torch.arange(k).repeat(n)
-    rows = torch.arange(n * k)
+    _, own, z_d, z_r = _standardized_errors(module, *simulate_like(module, data, n, noise_sd, generator))
+    k = module.n_components
     shift, stretch = torch.zeros(k, 2, dtype=torch.float64), torch.ones(k, 2, dtype=torch.float64)
-    z_d = ((diffusivity.log().reshape(-1) - d_loc[rows, own]) / d_scale[rows, own]).double().cpu()
     for c in range(k):
-        z = z_d[own == c]
-        shift[c, 0], stretch[c, 0] = z.mean(), z.std()
-    for j, c in enumerate(module.rate_index):
-        pick = own == c
-        z = ((reaction[:, j].log() - r_loc[pick, j]) / r_scale[pick, j]).double().cpu()
-        shift[c, 1], stretch[c, 1] = z.mean(), z.std()
+        shift[c, 0], stretch[c, 0] = z_d[own == c].mean(), z_d[own == c].std()
+    for c in module.rate_index:
+        shift[c, 1], stretch[c, 1] = z_r[own == c].mean(), z_r[own == c].std()
     with torch.no_grad():
         module.amortized_shift.copy_(shift.to(module.amortized_shift))
         module.amortized_stretch.copy_(stretch.to(module.amortized_stretch))
@@ -219,24 +231,14 @@ def simulated_check(module: MixturePDE, fields: torch.Tensor, times: torch.Tenso
     """The amortized posterior on synthetic subjects (see ``simulate_like``) under equal weights:
     subtype accuracy, mean top probability, and 90% coverage of log D, log r by the simulating
     component's q."""
-    batch, k = fields.shape[:2]
-    flat = fields.reshape(-1, *fields.shape[2:])
-    with torch.no_grad():
-        logits, d_loc, d_scale, r_loc, r_scale = module.encode_amortized(
-            flat, times.repeat_interleave(k, 0), observed.repeat_interleave(k, 0))
+    logits, own, z_d, z_r = _standardized_errors(module, fields, times, observed, diffusivity, reaction)
     probs = torch.softmax(logits.double(), dim=-1)
-    own = torch.arange(k).repeat(batch)
-    rows = torch.arange(batch * k)
-    covered_d = ((d_loc[rows, own] - diffusivity.log().reshape(-1)).abs() <= z90 * d_scale[rows, own]).double()
     out = {"simulated_accuracy": float((probs.argmax(-1) == own).double().mean()),
            "simulated_top_probability": float(probs.max(-1).values.mean()),
-           "simulated_coverage_d": float(covered_d.mean())}
+           "simulated_coverage_d": float((z_d.abs() <= z90).double().mean())}
     if reaction is not None:
-        has = torch.tensor([int(o) in module.rate_index for o in own])
-        col = torch.tensor([module.rate_index.index(int(o)) if int(o) in module.rate_index else 0 for o in own])
-        truth = reaction.log()[rows // k, col]
-        covered = ((r_loc[rows, col] - truth).abs() <= z90 * r_scale[rows, col]).double()
-        out["simulated_coverage_r"] = float(covered[has].mean())
+        has = torch.isfinite(z_r)
+        out["simulated_coverage_r"] = float((z_r[has].abs() <= z90).double().mean())
     return out
 
 
@@ -267,7 +269,7 @@ def check_amortized(module: MixturePDE, data: CohortTensors, component: torch.Te
     step = 1e-2 if dtype == torch.float32 else 1e-4
     gain = torch.zeros(n, dtype=torch.float64)
     sd_ratio = torch.ones(n, dtype=torch.float64)
-    loc, scale = module.population_loc.double().cpu(), module.population_scale.double().cpu()
+    prior = module.prior_terms(torch.float64)  # la, sa, lb, sb (K,): the searches' Gaussian prior
     settings = module.solver_settings()
     variance = noise_sd ** 2
     for k in range(module.n_components):
@@ -292,19 +294,20 @@ def check_amortized(module: MixturePDE, data: CohortTensors, component: torch.Te
                                       torch.exp(points_a)[:, None], rate[:, None], term, settings,
                                       step_rates=(torch.exp(r0 + step) if has_rate else rate[:b]).repeat(reps))
             resid = (fields[:, 0, 1:] - signal[:, 1:].repeat(reps, 1, 1)) * mask.repeat(reps, 1, 1)
-            resid = resid.reshape(reps, b, -1)
-            resid = resid.double().cpu()
+            resid = resid.reshape(reps, b, -1).double().cpu()
             a0, r0 = a0.double().cpu(), r0.double().cpu()
-            jac = [(resid[j] - resid[0]) / step for j in range(1, reps)]  # (B, M) each
-            prior_prec = [1.0 / scale[k, 0] ** 2] + ([1.0 / scale[k, 1] ** 2] if has_rate else [])
-            prior_dev = [a0 - loc[k, 0]] + ([r0 - loc[k, 1]] if has_rate else [])
-            grad = torch.stack([(j * resid[0]).sum(-1) / variance + p * d for j, p, d in
-                                zip(jac, prior_prec, prior_dev)], -1)  # (B, d)
-            hess = torch.stack([torch.stack([(ji * jj).sum(-1) / variance for jj in jac], -1) for ji in jac], -2)
-            hess = hess + torch.diag(torch.tensor(prior_prec, dtype=torch.float64))
-            cov = torch.linalg.inv(hess)
-            gain[idx] = 0.5 * (grad[:, None, :] @ cov @ grad[:, :, None])[:, 0, 0]
-            sd_ratio[idx] = d_scale[idx, k].double() / cov[:, 0, 0].sqrt()
+            ja = (resid[1] - resid[0]) / step  # (B, M)
+            jb = (resid[2] - resid[0]) / step if has_rate else torch.zeros_like(ja)
+            la, sa, lb, sb = (t[k] for t in prior)
+            rate_d = float(has_rate)
+            haa, hab, hbb = posterior_hessian((ja * ja).sum(-1), (ja * jb).sum(-1), (jb * jb).sum(-1), variance,
+                                              (la, sa, lb, sb), torch.tensor(has_rate))
+            grad_a = (ja * resid[0]).sum(-1) / variance + (a0 - la) / sa ** 2
+            grad_b = (jb * resid[0]).sum(-1) / variance + rate_d * (r0 - lb) / sb ** 2
+            det = haa * hbb - hab ** 2
+            # the Newton decrement g^T H^-1 g / 2 of the 2 x 2 (unit placeholder for rate-free) Hessian
+            gain[idx] = 0.5 * (hbb * grad_a ** 2 - 2 * hab * grad_a * grad_b + haa * grad_b ** 2) / det
+            sd_ratio[idx] = d_scale[idx, k].double() / (hbb / det).sqrt()
     return AmortizedCheck(component, gain, sd_ratio)
 
 

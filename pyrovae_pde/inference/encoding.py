@@ -20,6 +20,15 @@ class GuideSummary:
     r_scale: torch.Tensor
 
 
+def _summary(module: MixturePDE, d_loc, d_scale, r_loc_rate, r_scale_rate) -> GuideSummary:
+    """A ``GuideSummary`` from the encoder's outputs: log r columns (N, K_r) spread to (N, K), NaN elsewhere."""
+    r_loc = d_loc.new_full(d_loc.shape, math.nan)
+    r_scale = d_loc.new_full(d_loc.shape, math.nan)
+    r_loc[:, module.rate_index] = r_loc_rate
+    r_scale[:, module.rate_index] = r_scale_rate
+    return GuideSummary(d_loc, d_scale, r_loc, r_scale)
+
+
 def encode_cohort(module: MixturePDE, data: CohortTensors, batch_size: int = 512) -> GuideSummary:
     """Run the encoder over a cohort in batches (no gradients)."""
     parts = []
@@ -27,12 +36,7 @@ def encode_cohort(module: MixturePDE, data: CohortTensors, batch_size: int = 512
         for start in range(0, data.n_subjects, batch_size):
             sl = slice(start, start + batch_size)
             parts.append(module.encode(data.signal[sl], data.times[sl], data.observed[sl]))
-    d_loc, d_scale, r_loc_rate, r_scale_rate = (torch.cat(p) for p in zip(*parts))
-    r_loc = d_loc.new_full(d_loc.shape, math.nan)
-    r_scale = d_loc.new_full(d_loc.shape, math.nan)
-    r_loc[:, module.rate_index] = r_loc_rate
-    r_scale[:, module.rate_index] = r_scale_rate
-    return GuideSummary(d_loc, d_scale, r_loc, r_scale)
+    return _summary(module, *(torch.cat(p) for p in zip(*parts)))
 
 
 def global_means(module: MixturePDE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,9 +62,4 @@ def encode_amortized_cohort(module: MixturePDE, data: CohortTensors,
             parts.append(out[1:])
         weights, _ = global_means(module)
         joint = torch.cat(logits).double() + torch.log(weights.double()).to(logits[0].device)
-    d_loc, d_scale, r_loc_rate, r_scale_rate = (torch.cat(p) for p in zip(*parts))
-    r_loc = d_loc.new_full(d_loc.shape, math.nan)
-    r_scale = d_loc.new_full(d_loc.shape, math.nan)
-    r_loc[:, module.rate_index] = r_loc_rate
-    r_scale[:, module.rate_index] = r_scale_rate
-    return torch.log_softmax(joint, dim=-1), GuideSummary(d_loc, d_scale, r_loc, r_scale)
+    return torch.log_softmax(joint, dim=-1), _summary(module, *(torch.cat(p) for p in zip(*parts)))

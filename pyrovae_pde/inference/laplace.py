@@ -293,8 +293,7 @@ def laplace_fit(module: MixturePDE, data: CohortTensors, noise_sd: float, n_iter
     """
     guide = start if start is not None else encode_cohort(module, data.to(data.signal.device, torch.float32))
     step = step if step is not None else (1e-2 if dtype == torch.float32 else 1e-4)
-    has_rate = torch.zeros(module.n_components, dtype=torch.bool, device=data.signal.device)
-    has_rate[module.rate_index] = True
+    has_rate = module.rate_mask(data.signal.device)
     n, k = guide.d_loc.shape
     if batch_size is None:  # about 4e6 residual values per batch and point
         batch_size = max(1, int(4e6 // (k * data.signal.shape[1] * data.signal.shape[2])))

@@ -217,7 +217,7 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
     if n_particles < (0 if refine else 1):
         raise InputError(f"n_particles must be >= {0 if refine else 1}, got {n_particles}")
     weights, noise = (t.cpu() for t in global_means(module))  # the per-subject work may run on CUDA
-    n, k = data.n_subjects, module.n_components
+    n = data.n_subjects
     flags = None
     if refine is True:
         refined_rows = torch.arange(n)
@@ -262,9 +262,7 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
     if flags is not None:
         attrs["trust_rule"] = json.dumps(flags.rule)
     if conflict is not None:  # prior-data conflict on this cohort (see prior_check): modes, log evidence, n_obs
-        has_rate = torch.zeros(k, dtype=torch.bool)
-        has_rate[module.rate_index] = True
-        checks = prior_conflict(module.priors, conflict[0], conflict[1], weights, has_rate, conflict[2])
+        checks = prior_conflict(module.priors, conflict[0], conflict[1], weights, module.rate_mask(), conflict[2])
         attrs["prior_conflict"] = json.dumps([c.as_dict() for c in checks])
     ds = xr.Dataset(variables, coords=coords, attrs=attrs)
     ds["subtype_prob"].attrs["description"] = "posterior probability of each subtype (rows sum to 1)"

@@ -114,7 +114,7 @@ def simulate_cohort(module: MixturePDE, reference: CohortTensors, n_simulations:
                                  for k in range(module.n_components)])
         theta = torch.stack([log_d[rows, subtype], log_r[rows, rate_col[subtype]] if log_r is not None
                              else torch.zeros(n_simulations, dtype=dtype)], -1)
-    has_rate = torch.tensor([t.has_rate for t in module.terms])
+    has_rate = module.rate_mask()
     theta[~has_rate[subtype], 1] = torch.nan
     u0 = reference.signal[source, 0].to(dtype)
     times, observed = reference.times[source].to(dtype), reference.observed[source]

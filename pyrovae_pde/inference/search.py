@@ -64,8 +64,7 @@ def grid_candidates(module: MixturePDE, data: CohortTensors, noise_sd: float, gr
 
     Returns (a, b, objective), each (N, K), float32; b is 0 for rate-free components.
     """
-    has_rate = torch.zeros(module.n_components, dtype=torch.bool, device=data.signal.device)
-    has_rate[module.rate_index] = True
+    has_rate = module.rate_mask(data.signal.device)
     la, sa, lb, sb, rate_f = _prior_terms(module, has_rate, torch.float32)
     steps = torch.linspace(-span, span, grid_size, dtype=torch.float32, device=data.signal.device)
     # The grid spans the base prior (the population prior's hyperprior), which holds every
@@ -240,8 +239,7 @@ def search_modes(module: MixturePDE, data: CohortTensors, noise_sd: float, grid_
     Subjects without later visits converge to the prior's centre (their evidence is 0).
     """
     device = data.signal.device
-    has_rate = torch.zeros(module.n_components, dtype=torch.bool, device=device)
-    has_rate[module.rate_index] = True
+    has_rate = module.rate_mask(device)
     problem = _NewtonSearch(module, _prior_terms(module, has_rate, dtype), has_rate, float(noise_sd) ** 2,
                             step if step is not None else (1e-4 if dtype == torch.float64 else 1e-2))
     a0, b0 = _starting_points(problem, data, noise_sd, grid, grid_size, span, start)

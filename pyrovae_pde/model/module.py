@@ -244,6 +244,12 @@ class MixturePDE(nn.Module):
                     p.reaction.loc + THETA_RANGE_SDS * p.reaction.scale)
         return a, b
 
+    def rate_mask(self, device=None) -> torch.Tensor:
+        """(K,) bool: which components have a reaction rate."""
+        mask = torch.zeros(self.n_components, dtype=torch.bool, device=device)
+        mask[self.rate_index] = True
+        return mask
+
     def prior_terms(self, dtype: torch.dtype | None = None, device=None) -> tuple[torch.Tensor, ...]:
         """The population prior as (loc of log D, its sd, loc of log r, its sd), each (K,)."""
         loc = self.population_loc.to(dtype=dtype, device=device)
@@ -424,10 +430,16 @@ class MixturePDE(nn.Module):
                   diffusivity: torch.Tensor, reaction: torch.Tensor | None) -> torch.Tensor:
         """Mean -log q_k(theta_k | x_k) of synthetic subjects: fields (B, K, T, n) simulated by each
         component k from diffusivity (B, K) and reaction (B, K_r), visits times/observed (B, T)."""
+        return self._own_component_nll(self.encode(*self.flatten_simulated(fields, times, observed)),
+                                       diffusivity, reaction)
+
+    @staticmethod
+    def flatten_simulated(fields: torch.Tensor, times: torch.Tensor, observed: torch.Tensor):
+        """Synthetic subjects simulated by every component, fields (B, K, T, n) and their visits
+        (B, T), as encoder input: (B * K, T, n), (B * K, T), (B * K, T), row b * K + k simulated by k."""
         k = fields.shape[1]
-        flat = fields.reshape(-1, *fields.shape[2:])
-        params = self.encode(flat, times.repeat_interleave(k, 0), observed.repeat_interleave(k, 0))
-        return self._own_component_nll(params, diffusivity, reaction)
+        return (fields.reshape(-1, *fields.shape[2:]), times.repeat_interleave(k, 0),
+                observed.repeat_interleave(k, 0))
 
     def _own_component_nll(self, params, diffusivity: torch.Tensor, reaction: torch.Tensor | None) -> torch.Tensor:
         """Mean -log q of the truth, rows b * K + k simulated by component k (see ``sleep_nll``)."""
@@ -465,11 +477,8 @@ class MixturePDE(nn.Module):
         """Synthetic subjects, fields (B, K, T, n) simulated by every component k from diffusivity
         (B, K) and reaction (B, K_r) -> (mean -log q_k(theta_k | x_k), mean cross-entropy of the
         subtype head against the simulating component); every component appears equally often."""
-        k = fields.shape[1]
-        flat = fields.reshape(-1, *fields.shape[2:])
-        logits, *params = self.encode_amortized(flat, times.repeat_interleave(k, 0), observed.repeat_interleave(k, 0),
-                                                calibrated=False)
-        own = torch.arange(k, device=flat.device).repeat(fields.shape[0])
+        logits, *params = self.encode_amortized(*self.flatten_simulated(fields, times, observed), calibrated=False)
+        own = torch.arange(fields.shape[1], device=fields.device).repeat(fields.shape[0])
         cross_entropy = torch.nn.functional.cross_entropy(logits, own)
         return self._own_component_nll(params, diffusivity, reaction), cross_entropy
 
