@@ -12,7 +12,8 @@ import torch
 from pyrovae_pde.data import cohort_tensors, domain_from_dataset, simulate
 from pyrovae_pde.data.cohort import CohortTensors
 from pyrovae_pde.errors import InputError
-from pyrovae_pde.inference.amortize import TrustRule, amortize, check_amortized, simulate_like
+from pyrovae_pde.inference.amortize import (TrustRule, amortize, calibrate, check_amortized, fit_temperature,
+                                            simulate_like)
 from pyrovae_pde.inference.encoding import encode_amortized_cohort
 from pyrovae_pde.inference.laplace import laplace_fit
 from pyrovae_pde.inference.posterior import posterior_dataset
@@ -66,6 +67,51 @@ def test_amortized_posterior_recovers_every_component_and_is_calibrated(amortize
             assert np.corrcoef(guide.r_loc[:, k], reaction[:, column].log())[0, 1] > 0.8
     assert min(accuracy) > 0.85, accuracy
     assert abs(np.mean(top) - np.mean(accuracy)) < 0.05, (top, accuracy)
+
+
+def test_fit_temperature_matches_a_dense_grid_and_recovers_the_generating_temperature():
+    """Labels drawn from softmax(logits / 2.5): the fitted T is the minimiser of the cross-entropy
+    on a dense grid of 1 / T (exact reference), and near 2.5 for 20000 draws."""
+    generator = torch.Generator().manual_seed(0)
+    logits = 4.0 * torch.randn(20000, 3, generator=generator, dtype=torch.float64)
+    labels = torch.multinomial(torch.softmax(logits / 2.5, -1), 1, generator=generator).flatten()
+    temperature = fit_temperature(logits, labels)
+    grid = torch.linspace(0.05, 2.0, 3901, dtype=torch.float64)
+    losses = torch.stack([torch.nn.functional.cross_entropy(logits * b, labels) for b in grid])
+    assert abs(1.0 / temperature - float(grid[losses.argmin()])) < 1e-3
+    assert abs(temperature - 2.5) < 0.15
+
+
+def test_calibrate_undoes_a_mis_scaled_subtype_head(amortized):
+    """Logits made 4x too sharp (or 4x too flat) by hand: calibrate's temperature brings the mean
+    top probability of new simulated subjects back to their accuracy, which it does not change."""
+    module, data = amortized
+    cohorts, _, _ = _simulated(module, data, 200, seed=11)
+    original = [p.detach().clone() for p in module.subtype_head.net[-1].parameters()]
+    try:
+        for factor in (4.0, 0.25):
+            with torch.no_grad():
+                for p, o in zip(module.subtype_head.net[-1].parameters(), original):
+                    p.copy_(o * factor)
+            gaps, accuracy = {}, {}
+            for stage in ("mis-scaled", "calibrated"):
+                if stage == "calibrated":
+                    calibrate(module, data, 512, NOISE, torch.Generator().manual_seed(12))
+                else:
+                    module.amortized_temperature.fill_(1.0)
+                probs = torch.cat([encode_amortized_cohort(module, c)[0].exp() for c in cohorts])
+                truth = torch.arange(len(cohorts)).repeat_interleave(200)
+                accuracy[stage] = float((probs.argmax(-1) == truth).double().mean())
+                gaps[stage] = float(probs.max(-1).values.mean()) - accuracy[stage]
+            assert accuracy["calibrated"] == accuracy["mis-scaled"]
+            assert abs(gaps["mis-scaled"]) > 0.03, (factor, gaps)
+            assert abs(gaps["calibrated"]) < min(0.02, abs(gaps["mis-scaled"]) / 3), (factor, gaps)
+            assert (float(module.amortized_temperature) > 1.0) == (factor > 1.0)
+    finally:
+        with torch.no_grad():
+            for p, o in zip(module.subtype_head.net[-1].parameters(), original):
+                p.copy_(o)
+        calibrate(module, data, 1024, NOISE, torch.Generator().manual_seed(2))
 
 
 def test_simulation_based_calibration_of_the_amortized_guide(amortized):

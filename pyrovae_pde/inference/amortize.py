@@ -201,29 +201,52 @@ def _standardized_errors(module: MixturePDE, fields: torch.Tensor, times: torch.
     return logits.cpu(), own, z_d, z_r
 
 
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T > 0 minimising the cross-entropy of softmax(logits / T) against ``labels``
+    (temperature scaling, Guo et al. 2017): logits (B, K), labels (B,). The cross-entropy is convex
+    in 1 / T, so a bounded scalar search finds its minimum (T in [0.02, 50])."""
+    from scipy.optimize import minimize_scalar
+
+    logits, labels = logits.double().cpu(), labels.cpu()
+
+    def cross_entropy(inverse: float) -> float:
+        return float(torch.nn.functional.cross_entropy(logits * inverse, labels))
+
+    best = minimize_scalar(cross_entropy, bounds=(0.02, 50.0), method="bounded", options={"xatol": 1e-4})
+    return 1.0 / float(best.x)
+
+
 def calibrate(module: MixturePDE, data: CohortTensors, n: int, noise_sd: float, generator: torch.Generator) -> dict:
-    """Affine recalibration of the amortized q on ``n`` new simulations per component: with
-    z = (theta - loc) / scale of the simulating component's q, set ``module.amortized_shift`` to
-    the mean of z and ``amortized_stretch`` to its sd, per (component, coordinate), so that on
-    average over the model's prior predictive q is centred and as wide as its errors. (Measured
-    on the paper grid: the trained q sat 0.2-0.4 of its sd below the truth, a precision limit of
-    its last layer against posterior sds of 0.015 in log D.) Returns them."""
+    """Recalibration of the amortized posterior on ``n`` new simulations per component.
+
+    q: with z = (theta - loc) / scale of the simulating component's q, ``module.amortized_shift``
+    is set to the mean of z and ``amortized_stretch`` to its sd, per (component, coordinate), so
+    that on average over the model's prior predictive q is centred and as wide as its errors.
+    (Measured on the paper grid: the trained q sat 0.2-0.4 of its sd below the truth, a precision
+    limit of its last layer against posterior sds of 0.015 in log D.)
+    Subtype head: ``amortized_temperature`` by ``fit_temperature`` against the simulating
+    components (on noise-free data the head came out under-confident: top probability 0.947 at
+    accuracy 0.987). Returns them."""
     with torch.no_grad():
         module.amortized_shift.zero_()
         module.amortized_stretch.fill_(1.0)
+        module.amortized_temperature.fill_(1.0)
     if n < 2:
         return {}
-    _, own, z_d, z_r = _standardized_errors(module, *simulate_like(module, data, n, noise_sd, generator))
+    logits, own, z_d, z_r = _standardized_errors(module, *simulate_like(module, data, n, noise_sd, generator))
     k = module.n_components
     shift, stretch = torch.zeros(k, 2, dtype=torch.float64), torch.ones(k, 2, dtype=torch.float64)
     for c in range(k):
         shift[c, 0], stretch[c, 0] = z_d[own == c].mean(), z_d[own == c].std()
     for c in module.rate_index:
         shift[c, 1], stretch[c, 1] = z_r[own == c].mean(), z_r[own == c].std()
+    temperature = fit_temperature(logits, own) if k > 1 else 1.0
     with torch.no_grad():
         module.amortized_shift.copy_(shift.to(module.amortized_shift))
         module.amortized_stretch.copy_(stretch.to(module.amortized_stretch))
-    return {"calibration_shift": shift.tolist(), "calibration_stretch": stretch.tolist()}
+        module.amortized_temperature.fill_(temperature)
+    return {"calibration_shift": shift.tolist(), "calibration_stretch": stretch.tolist(),
+            "calibration_temperature": temperature}
 
 
 def simulated_check(module: MixturePDE, fields: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,

@@ -110,6 +110,8 @@ class MixturePDE(nn.Module):
         # loc + shift * scale, scale * stretch (inference.amortize.calibrate)
         self.register_buffer("amortized_shift", torch.zeros(self.n_components, 2))
         self.register_buffer("amortized_stretch", torch.ones(self.n_components, 2))
+        # Temperature of the subtype head's logits, fitted on the same simulations (calibrated logits / T)
+        self.register_buffer("amortized_temperature", torch.tensor(1.0))
         # Guide parameters of the global latents. The Dirichlet's concentration is learned in log
         # space: its optimum grows with the cohort (about 1 + N w_k), far beyond what additive
         # steps reach.
@@ -385,6 +387,7 @@ class MixturePDE(nn.Module):
         state_dict.setdefault(prefix + "amortized", torch.tensor(False))
         state_dict.setdefault(prefix + "amortized_shift", torch.zeros(self.n_components, 2))
         state_dict.setdefault(prefix + "amortized_stretch", torch.ones(self.n_components, 2))
+        state_dict.setdefault(prefix + "amortized_temperature", torch.tensor(1.0))
         state_dict.setdefault(prefix + "population_tied", torch.tensor(False))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -462,7 +465,8 @@ class MixturePDE(nn.Module):
                          calibrated: bool = True):
         """One encoder pass: (subtype log-likelihoods (B, K) up to a constant per subject, then the
         LogNormal parameters d_loc, d_scale (B, K), r_loc, r_scale (B, K_r) as ``encode``), with
-        the recalibration ``amortized_shift``/``amortized_stretch`` applied unless ``calibrated=False``."""
+        the recalibration (``amortized_shift``/``amortized_stretch`` of q, ``amortized_temperature`` of
+        the subtype logits) applied unless ``calibrated=False``."""
         features = self.encoder.features(signal, times, observed)
         d_loc, d_scale, r_loc, r_scale = self.encoder.head(features)
         if calibrated:
@@ -470,6 +474,7 @@ class MixturePDE(nn.Module):
             d_loc, d_scale = d_loc + shift[:, 0] * d_scale, d_scale * stretch[:, 0]
             ri = self.rate_index
             r_loc, r_scale = r_loc + shift[ri, 1] * r_scale, r_scale * stretch[ri, 1]
+            return self.subtype_head(features) / self.amortized_temperature.to(d_loc), d_loc, d_scale, r_loc, r_scale
         return self.subtype_head(features), d_loc, d_scale, r_loc, r_scale
 
     def amortized_loss(self, fields: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
@@ -515,6 +520,7 @@ class MixturePDE(nn.Module):
             self.amortized.fill_(False)
             self.amortized_shift.zero_()
             self.amortized_stretch.fill_(1.0)
+            self.amortized_temperature.fill_(1.0)
             self.set_population(*self._base_population())
             self.population_learned.fill_(False)
             self.population_tied.fill_(False)
