@@ -12,8 +12,8 @@ import torch
 from pyrovae_pde.data import cohort_tensors, domain_from_dataset, simulate
 from pyrovae_pde.data.cohort import CohortTensors
 from pyrovae_pde.errors import InputError
-from pyrovae_pde.inference.amortize import (TrustRule, amortize, calibrate, check_amortized, fit_temperature,
-                                            simulate_like)
+from pyrovae_pde.inference.amortize import (TrustRule, amortize, calibrate, check_amortized,
+                                            fit_conditional_calibration, fit_temperature, simulate_like)
 from pyrovae_pde.inference.encoding import encode_amortized_cohort
 from pyrovae_pde.inference.laplace import laplace_fit
 from pyrovae_pde.inference.posterior import posterior_dataset
@@ -80,6 +80,53 @@ def test_fit_temperature_matches_a_dense_grid_and_recovers_the_generating_temper
     losses = torch.stack([torch.nn.functional.cross_entropy(logits * b, labels) for b in grid])
     assert abs(1.0 / temperature - float(grid[losses.argmin()])) < 1e-3
     assert abs(temperature - 2.5) < 0.15
+
+
+def test_conditional_calibration_recovers_a_known_dependence_and_solves_its_score_equations():
+    """Errors whose mean and log sd are linear in q's standardised centre and log width: the fit
+    solves the Gaussian score equations (its exact optimality conditions) and recovers the
+    generating coefficients; errors with no dependence give the plain mean and sd."""
+    generator = torch.Generator().manual_seed(1)
+    n = 40000
+    loc = 2.0 + 0.5 * torch.randn(n, generator=generator, dtype=torch.float64)
+    scale = torch.exp(-3.0 + 0.3 * torch.randn(n, generator=generator, dtype=torch.float64))
+    u = (loc - 2.0) / 0.5
+    v = (torch.log(scale) + 3.0) / 0.3
+    z = 0.2 - 0.4 * u + torch.exp(-0.5 + 0.25 * u + 0.1 * v) * torch.randn(n, generator=generator,
+                                                                          dtype=torch.float64)
+    fit = fit_conditional_calibration(z, loc, scale)
+    x = torch.stack([torch.ones(n, dtype=torch.float64), ((loc - fit.center[0]) / fit.spread[0]).clamp(-3, 3),
+                     ((torch.log(scale) - fit.center[1]) / fit.spread[1]).clamp(-3, 3)], -1)
+    mean, sd = x @ fit.shift, torch.exp(x @ fit.log_stretch)
+    r = (z - mean) / sd
+    assert (x * (r / sd)[:, None]).mean(0).abs().max() < 1e-5
+    assert (x * (1 - r ** 2)[:, None]).mean(0).abs().max() < 1e-5
+    assert torch.allclose(fit.shift, torch.tensor([0.2, -0.4, 0.0], dtype=torch.float64), atol=0.03)
+    assert torch.allclose(fit.log_stretch, torch.tensor([-0.5, 0.25, 0.1], dtype=torch.float64), atol=0.03)
+    plain = fit_conditional_calibration(1.5 + 2.0 * torch.randn(n, generator=generator, dtype=torch.float64), loc,
+                                        scale)
+    assert abs(float(plain.shift[0]) - 1.5) < 0.05 and abs(float(plain.log_stretch[0]) - math.log(2.0)) < 0.02
+    assert plain.shift[1:].abs().max() < 0.03 and plain.log_stretch[1:].abs().max() < 0.03
+
+
+def test_runs_saved_with_a_constant_shift_and_stretch_load_as_that_affine_map(amortized):
+    module, data = amortized
+    state = {k: v for k, v in module.state_dict().items()
+             if k not in ("amortized_shift", "amortized_log_stretch", "amortized_center", "amortized_spread",
+                          "amortized_temperature")}
+    shift = torch.tensor([[0.3, 0.0], [-0.2, 0.5]])
+    stretch = torch.tensor([[0.8, 1.0], [1.2, 0.6]])
+    state["amortized_shift"], state["amortized_stretch"] = shift, stretch
+    old = module.submodel([0, 1])
+    old.load_state_dict(state)
+    cohort = data.subset(torch.arange(8))
+    with torch.no_grad():
+        _, d_loc, d_scale, r_loc, r_scale = old.encode_amortized(cohort.signal, cohort.times, cohort.observed)
+        _, d0, ds0, r0, rs0 = old.encode_amortized(cohort.signal, cohort.times, cohort.observed, calibrated=False)
+    assert torch.allclose(d_loc, d0 + shift[:, 0] * ds0, atol=1e-5)
+    assert torch.allclose(d_scale, ds0 * stretch[:, 0], rtol=1e-5)
+    assert torch.allclose(r_loc, r0 + shift[1:, 1] * rs0, atol=1e-5)
+    assert torch.allclose(r_scale, rs0 * stretch[1:, 1], rtol=1e-5)
 
 
 def test_calibrate_undoes_a_mis_scaled_subtype_head(amortized):

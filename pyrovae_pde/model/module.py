@@ -106,10 +106,14 @@ class MixturePDE(nn.Module):
         # Amortized p(subtype | scans), trained after the fit on simulated subjects (inference.amortize)
         self.subtype_head = SubtypeHead(n_features, self.n_components)
         self.register_buffer("amortized", torch.tensor(False))  # True once the subtype head is trained
-        # Affine recalibration of the amortized q per (component, coordinate) on held-out simulations:
-        # loc + shift * scale, scale * stretch (inference.amortize.calibrate)
-        self.register_buffer("amortized_shift", torch.zeros(self.n_components, 2))
-        self.register_buffer("amortized_stretch", torch.ones(self.n_components, 2))
+        # Recalibration of the amortized q per (component, coordinate) on held-out simulations
+        # (inference.amortize.calibrate): with covariates c = (1, standardised loc, standardised log
+        # scale) of q, loc + (shift . c) * scale and scale * exp(log_stretch . c); the standardisation's
+        # centre and spread are those of the calibration simulations.
+        self.register_buffer("amortized_shift", torch.zeros(self.n_components, 2, 3))
+        self.register_buffer("amortized_log_stretch", torch.zeros(self.n_components, 2, 3))
+        self.register_buffer("amortized_center", torch.zeros(self.n_components, 2, 2))
+        self.register_buffer("amortized_spread", torch.ones(self.n_components, 2, 2))
         # Temperature of the subtype head's logits, fitted on the same simulations (calibrated logits / T)
         self.register_buffer("amortized_temperature", torch.tensor(1.0))
         # Guide parameters of the global latents. The Dirichlet's concentration is learned in log
@@ -385,8 +389,18 @@ class MixturePDE(nn.Module):
         for name, value in self.subtype_head.state_dict(prefix=prefix + "subtype_head.").items():
             state_dict.setdefault(name, value)
         state_dict.setdefault(prefix + "amortized", torch.tensor(False))
-        state_dict.setdefault(prefix + "amortized_shift", torch.zeros(self.n_components, 2))
-        state_dict.setdefault(prefix + "amortized_stretch", torch.ones(self.n_components, 2))
+        # runs saved with a constant shift and stretch per (component, coordinate): the intercepts
+        shift, stretch = state_dict.get(prefix + "amortized_shift"), state_dict.pop(prefix + "amortized_stretch", None)
+        if shift is not None and shift.dim() == 2:
+            state_dict[prefix + "amortized_shift"] = torch.cat([shift[..., None], shift.new_zeros(*shift.shape, 2)], -1)
+        if stretch is not None:
+            state_dict[prefix + "amortized_log_stretch"] = torch.cat(
+                [stretch.log()[..., None], stretch.new_zeros(*stretch.shape, 2)], -1)
+        for name, value in (("amortized_shift", torch.zeros(self.n_components, 2, 3)),
+                            ("amortized_log_stretch", torch.zeros(self.n_components, 2, 3)),
+                            ("amortized_center", torch.zeros(self.n_components, 2, 2)),
+                            ("amortized_spread", torch.ones(self.n_components, 2, 2))):
+            state_dict.setdefault(prefix + name, value)
         state_dict.setdefault(prefix + "amortized_temperature", torch.tensor(1.0))
         state_dict.setdefault(prefix + "population_tied", torch.tensor(False))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -465,17 +479,36 @@ class MixturePDE(nn.Module):
                          calibrated: bool = True):
         """One encoder pass: (subtype log-likelihoods (B, K) up to a constant per subject, then the
         LogNormal parameters d_loc, d_scale (B, K), r_loc, r_scale (B, K_r) as ``encode``), with
-        the recalibration (``amortized_shift``/``amortized_stretch`` of q, ``amortized_temperature`` of
-        the subtype logits) applied unless ``calibrated=False``."""
+        the recalibration (``recalibrate`` of q, ``amortized_temperature`` of the subtype logits)
+        applied unless ``calibrated=False``."""
         features = self.encoder.features(signal, times, observed)
         d_loc, d_scale, r_loc, r_scale = self.encoder.head(features)
-        if calibrated:
-            shift, stretch = self.amortized_shift.to(d_loc), self.amortized_stretch.to(d_loc)
-            d_loc, d_scale = d_loc + shift[:, 0] * d_scale, d_scale * stretch[:, 0]
-            ri = self.rate_index
-            r_loc, r_scale = r_loc + shift[ri, 1] * r_scale, r_scale * stretch[ri, 1]
-            return self.subtype_head(features) / self.amortized_temperature.to(d_loc), d_loc, d_scale, r_loc, r_scale
-        return self.subtype_head(features), d_loc, d_scale, r_loc, r_scale
+        logits = self.subtype_head(features)
+        if not calibrated:
+            return logits, d_loc, d_scale, r_loc, r_scale
+        d_loc, d_scale = self.recalibrate(d_loc, d_scale, list(range(self.n_components)), 0)
+        r_loc, r_scale = self.recalibrate(r_loc, r_scale, self.rate_index, 1)
+        return logits / self.amortized_temperature.to(d_loc), d_loc, d_scale, r_loc, r_scale
+
+    def calibration_covariates(self, loc: torch.Tensor, scale: torch.Tensor, components: list[int],
+                               coordinate: int) -> torch.Tensor:
+        """The recalibration's covariates (..., C, 3) of q's loc and scale (..., C) for ``components``
+        (C,) and ``coordinate`` (0: log D, 1: log r): 1, then loc and log scale standardised by
+        ``amortized_center``/``amortized_spread`` and clamped to +-3 (no extrapolation beyond)."""
+        center = self.amortized_center[components, coordinate].to(loc)  # (C, 2)
+        spread = self.amortized_spread[components, coordinate].to(loc)
+        standard = (torch.stack([loc, torch.log(scale)], -1) - center) / spread
+        return torch.cat([torch.ones_like(loc)[..., None], standard.clamp(-3.0, 3.0)], -1)
+
+    def recalibrate(self, loc: torch.Tensor, scale: torch.Tensor, components: list[int], coordinate: int):
+        """q's (loc, scale) (..., C) for ``components`` and ``coordinate`` -> recalibrated
+        (loc + (shift . c) * scale, scale * exp(log_stretch . c)), c = ``calibration_covariates``."""
+        if not components:
+            return loc, scale
+        covariates = self.calibration_covariates(loc, scale, components, coordinate)
+        shift = (covariates * self.amortized_shift[components, coordinate].to(loc)).sum(-1)
+        log_stretch = (covariates * self.amortized_log_stretch[components, coordinate].to(loc)).sum(-1)
+        return loc + shift * scale, scale * torch.exp(log_stretch)
 
     def amortized_loss(self, fields: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
                        diffusivity: torch.Tensor, reaction: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -506,6 +539,14 @@ class MixturePDE(nn.Module):
             loss = loss + kl(r_loc, r_scale, loc[:, ri, 1], var[:, ri, 1]).sum(-1)
         return loss.mean()
 
+    def reset_calibration(self) -> None:
+        """The amortized posterior as trained: no recalibration of q, subtype temperature 1."""
+        with torch.no_grad():
+            for name in ("amortized_shift", "amortized_log_stretch", "amortized_center"):
+                getattr(self, name).zero_()
+            self.amortized_spread.fill_(1.0)
+            self.amortized_temperature.fill_(1.0)
+
     def reinitialize(self, seed: int) -> None:
         """Fresh encoder weights drawn from ``seed`` and the globals' guide at its initial values
         (a restart); the global RNG state is left as it was."""
@@ -518,9 +559,7 @@ class MixturePDE(nn.Module):
             self.subtype_head.reset_parameters()
         with torch.no_grad():
             self.amortized.fill_(False)
-            self.amortized_shift.zero_()
-            self.amortized_stretch.fill_(1.0)
-            self.amortized_temperature.fill_(1.0)
+            self.reset_calibration()
             self.set_population(*self._base_population())
             self.population_learned.fill_(False)
             self.population_tied.fill_(False)
