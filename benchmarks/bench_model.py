@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classic-subjects", type=int, default=3, help="subjects timed for the classic fit")
     parser.add_argument("--json", help="write the figures here too")
+    parser.add_argument("--save-model", metavar="DIR", help="save the fitted model here (SubtypeModel.save), to score "
+                        "later predicts on the same fit (benchmarks/bench_predict.py)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where fit and predict run")
     parser.add_argument("--batch-size", type=int, default=16, help="SVI minibatch (subjects per step)")
     parser.add_argument("--amortize-steps", type=int, default=None, help="amortization steps after the fit "
@@ -96,6 +98,8 @@ def main(argv=None) -> int:
               batch_size=args.batch_size,
               **({} if args.amortize_steps is None else {"amortize_steps": args.amortize_steps}))
     fit_s = time.perf_counter() - start
+    if args.save_model:
+        model.save(args.save_model)
     rss_after_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     start = time.perf_counter()
     fast = model.posterior(test_ds, refine=False, device=args.device)
