@@ -109,11 +109,49 @@ def test_conditional_calibration_recovers_a_known_dependence_and_solves_its_scor
     assert plain.shift[1:].abs().max() < 0.03 and plain.log_stretch[1:].abs().max() < 0.03
 
 
+def test_shaped_summary_is_the_lognormal_one_for_a_gaussian_shape_and_integrates_a_skewed_one(amortized):
+    """The amortized q's summaries: with the identity shape they equal the LogNormal closed forms;
+    with a skewed shape (quantiles of a standardised Gumbel-like deviate) mean, sd and interval match
+    a dense trapezoid integral over the standard-normal eps of the same piecewise-linear map."""
+    from scipy import stats
+
+    from pyrovae_pde.inference.posterior import lognormal_summary, shaped_lognormal_summary
+    from pyrovae_pde.model.module import SHAPE_SCORES
+
+    module, _ = amortized
+    saved = module.amortized_quantiles.clone()
+    loc = np.array([[-2.0, 0.5], [1.0, -3.0]])
+    scale = np.array([[0.01, 0.4], [1.2, 0.05]])
+    try:
+        module.amortized_quantiles.copy_(SHAPE_SCORES.repeat(module.n_components, 2, 1))
+        shaped, closed = shaped_lognormal_summary(module, loc, scale, 0), lognormal_summary(loc, scale)
+        for key in closed:
+            np.testing.assert_allclose(shaped[key], closed[key], rtol=1e-9)
+        skewed = torch.tensor(stats.gumbel_r.ppf(stats.norm.cdf(SHAPE_SCORES.double().numpy())))
+        module.amortized_quantiles.copy_(skewed.to(module.amortized_quantiles).repeat(module.n_components, 2, 1))
+        shaped = shaped_lognormal_summary(module, loc, scale, 1)
+        eps = torch.linspace(-12, 12, 200001, dtype=torch.float64)
+        deviates = module.shape(eps[:, None].expand(-1, module.n_components), 1)[:, 0].numpy()
+        density = stats.norm.pdf(eps.numpy())
+        for i in range(2):
+            for j in range(2):
+                values = np.exp(loc[i, j] + scale[i, j] * deviates)
+                mean = np.trapezoid(values * density, eps.numpy())
+                sd = np.sqrt(np.trapezoid((values - mean) ** 2 * density, eps.numpy()))
+                np.testing.assert_allclose(shaped[""][i, j], mean, rtol=1e-6)
+                np.testing.assert_allclose(shaped["_sd"][i, j], sd, rtol=1e-5)
+        low = module.shape(torch.full((1, module.n_components), -1.6448536269514722, dtype=torch.float64), 1)[0, 0]
+        np.testing.assert_allclose(shaped["_q05"], np.exp(loc + scale * float(low)), rtol=1e-12)
+        assert float(low) > -1.6448536269514722  # the Gumbel's short left tail
+    finally:
+        module.amortized_quantiles.copy_(saved)
+
+
 def test_runs_saved_with_a_constant_shift_and_stretch_load_as_that_affine_map(amortized):
     module, data = amortized
     state = {k: v for k, v in module.state_dict().items()
              if k not in ("amortized_shift", "amortized_log_stretch", "amortized_center", "amortized_spread",
-                          "amortized_temperature")}
+                          "amortized_temperature", "amortized_quantiles")}
     shift = torch.tensor([[0.3, 0.0], [-0.2, 0.5]])
     stretch = torch.tensor([[0.8, 1.0], [1.2, 0.6]])
     state["amortized_shift"], state["amortized_stretch"] = shift, stretch

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..data.cohort import CohortTensors
 from ..model.likelihood import observation_sd
-from ..model.module import MixturePDE
+from ..model.module import SHAPE_SCORES, MixturePDE
 from .encoding import global_means
 from .laplace import posterior_hessian
 
@@ -77,7 +77,8 @@ def simulate_clean(module: MixturePDE, data: CohortTensors, batch: int, generato
         log_d, log_r = module.draw_population(batch, u0.dtype, None, generator)
         log_d, log_r = log_d.to(u0.device), None if log_r is None else log_r.to(u0.device)
         diffusivity, reaction = torch.exp(log_d), None if log_r is None else torch.exp(log_r)
-        # the model's own solver: the sleep phase's coarse solves are biased by 0.003 on the paper grid,
+        # the model's own solver, as its likelihood solves (module.predict: step counts shared across a
+        # subject's components): the sleep phase's coarse solves are biased by 0.003 on the paper grid,
         # enough to shift the amortized posterior of r off the real subjects'
         fields = module.predict(u0, times, diffusivity, reaction)  # (B, K, T, n)
     return fields, times, observed, diffusivity, reaction
@@ -302,6 +303,15 @@ def calibrate(module: MixturePDE, data: CohortTensors, n: int, noise_sd: float, 
             for name, value in (("amortized_shift", fit.shift), ("amortized_log_stretch", fit.log_stretch),
                                 ("amortized_center", fit.center), ("amortized_spread", fit.spread)):
                 getattr(module, name)[c, j] = value.to(getattr(module, name))
+    # the shape beyond a Gaussian: quantiles of z under the recalibrated centre and width
+    levels = torch.distributions.Normal(0.0, 1.0).cdf(SHAPE_SCORES.double())
+    for c, j in coordinates:
+        pick = own == c
+        loc_c, scale_c = module.recalibrate(loc[pick, j][:, None], scale[pick, j][:, None], [c], j)
+        z = ((theta[pick, j][:, None] - loc_c) / scale_c)[:, 0]
+        with torch.no_grad():
+            module.amortized_quantiles[c, j] = torch.quantile(z[torch.isfinite(z)], levels).to(
+                module.amortized_quantiles)
     temperature = fit_temperature(logits, own) if module.n_components > 1 else 1.0
     with torch.no_grad():
         module.amortized_temperature.fill_(temperature)
@@ -318,15 +328,18 @@ def simulated_check(module: MixturePDE, fields: torch.Tensor, times: torch.Tenso
                     diffusivity: torch.Tensor, reaction: torch.Tensor | None, z90: float = 1.6448536269514722) -> dict:
     """The amortized posterior on synthetic subjects (see ``simulate_like``) under equal weights:
     subtype accuracy, mean top probability, and 90% coverage of log D, log r by the simulating
-    component's q."""
+    component's q (its shape included: the interval between ``module.shape`` of -z90 and z90)."""
     logits, own, z_d, z_r = _standardized_errors(module, fields, times, observed, diffusivity, reaction)
     probs = torch.softmax(logits.double(), dim=-1)
+    scores = torch.tensor([[-z90], [z90]], dtype=torch.float64).expand(2, module.n_components)
     out = {"simulated_accuracy": float((probs.argmax(-1) == own).double().mean()),
-           "simulated_top_probability": float(probs.max(-1).values.mean()),
-           "simulated_coverage_d": float((z_d.abs() <= z90).double().mean())}
-    if reaction is not None:
-        has = torch.isfinite(z_r)
-        out["simulated_coverage_r"] = float((z_r[has].abs() <= z90).double().mean())
+           "simulated_top_probability": float(probs.max(-1).values.mean())}
+    for name, z, coordinate in (("d", z_d, 0), ("r", z_r, 1)):
+        if coordinate == 1 and reaction is None:
+            continue
+        low, high = module.shape(scores, coordinate)[:, own]
+        has = torch.isfinite(z)
+        out[f"simulated_coverage_{name}"] = float(((z >= low) & (z <= high))[has].double().mean())
     return out
 
 

@@ -21,7 +21,7 @@ import xarray as xr
 from ..data.cohort import CohortTensors
 from ..errors import InputError
 from ..model.likelihood import observation_sd
-from ..model.module import MixturePDE
+from ..model.module import SHAPE_SCORES, MixturePDE
 from . import distributed as ddp
 from . import particles
 from .amortize import TrustRule
@@ -76,6 +76,43 @@ def weighted_summary(values: torch.Tensor, log_weights: torch.Tensor) -> dict[st
 
     return {key: t.cpu().numpy().astype(float) for key, t in
             (("", mean), ("_sd", sd), ("_q05", quantile(0.05)), ("_q95", quantile(0.95)))}
+
+
+def shaped_lognormal_summary(module: MixturePDE, loc: np.ndarray, scale: np.ndarray,
+                             coordinate: int) -> dict[str, np.ndarray]:
+    """As ``lognormal_summary`` for the amortized q of ``coordinate`` (0: log D, 1: log r), whose
+    log is loc + scale * ``module.shape``(eps) with eps standard normal: loc, scale (N, K).
+
+    The shape is linear in eps between its scores (and beyond them), so the mean and sd are sums
+    of closed-form Gaussian integrals, one per segment; the interval is the shape's values at
+    -+1.645. All exact; for the identity shape they are the LogNormal's."""
+    from scipy.special import log_ndtr
+
+    k = loc.shape[-1]
+    scores = SHAPE_SCORES.double()
+    values = module.shape(scores[:, None].expand(-1, k), coordinate).numpy()  # (M, K)
+    scores = scores.numpy()
+    slope = np.diff(values, axis=0) / np.diff(scores)[:, None]  # (M - 1, K) inside; unit slope outside
+    slope = np.concatenate([np.ones((1, k)), slope, np.ones((1, k))])
+    left = np.concatenate([[-np.inf], scores])[:, None]  # (M + 1, 1) segment ends
+    right = np.concatenate([scores, [np.inf]])[:, None]
+    start = np.concatenate([values[:1], values])  # the deviate at each segment's left score (finite one)
+    anchor = np.concatenate([scores[:1], scores])[:, None]
+    intercept = start - slope * anchor  # deviate = intercept + slope * eps on each segment
+
+    def moment(power: int) -> np.ndarray:
+        """E[exp(power * theta)] (N, K), summed over segments (log-space Gaussian integrals)."""
+        b = power * scale[None] * slope[:, None, :]  # (S, N, K)
+        a = power * (loc[None] + scale[None] * intercept[:, None, :]) + 0.5 * b ** 2
+        upper, lower = log_ndtr(right[:, None] - b), log_ndtr(left[:, None] - b)
+        with np.errstate(divide="ignore"):
+            mass = upper + np.log1p(-np.exp(np.minimum(lower - upper, 0.0)))
+        return np.exp(a + mass).sum(0)
+
+    mean, second = moment(1), moment(2)
+    ends = module.shape(torch.tensor([[-Z90], [Z90]], dtype=torch.float64).expand(-1, k), coordinate).numpy()
+    return {"": mean, "_sd": np.sqrt(np.clip(second - mean ** 2, 0.0, None)),
+            "_q05": np.exp(loc + scale * ends[0]), "_q95": np.exp(loc + scale * ends[1])}
 
 
 @dataclasses.dataclass
@@ -168,9 +205,13 @@ def _guide_variables(module: MixturePDE, data: CohortTensors, noise: torch.Tenso
     return _summary_variables(probs, log_evidence, guide, None), None
 
 
-def _amortized_variables(log_probs: torch.Tensor, guide: GuideSummary) -> dict[str, np.ndarray]:
-    """The amortized guide alone: the subtype head's probabilities, q's LogNormal summaries."""
-    return _summary_variables(log_probs.exp(), torch.full_like(log_probs, torch.nan), guide, None)
+def _amortized_variables(module: MixturePDE, log_probs: torch.Tensor, guide: GuideSummary) -> dict[str, np.ndarray]:
+    """The amortized guide alone: the subtype head's probabilities, q's summaries (its shape included)."""
+    summaries = {name: shaped_lognormal_summary(module, loc.cpu().numpy().astype(float),
+                                                scale.cpu().numpy().astype(float), coordinate)
+                 for name, loc, scale, coordinate in (("diffusivity", guide.d_loc, guide.d_scale, 0),
+                                                      ("reaction", guide.r_loc, guide.r_scale, 1))}
+    return _summary_variables(log_probs.exp(), torch.full_like(log_probs, torch.nan), guide, summaries)
 
 
 def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int | None = None, seed: int = 0,
@@ -228,7 +269,7 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
     else:
         log_probs, guide = encode_amortized_cohort(module, data.to(data.signal.device,
                                                                    next(module.parameters()).dtype))
-        variables = _amortized_variables(log_probs, guide)
+        variables = _amortized_variables(module, log_probs, guide)
         conflict = (torch.stack([guide.d_loc, torch.nan_to_num(guide.r_loc)], -1).double().cpu(),
                     (log_probs - torch.log(weights.double())).cpu(), data.observed[:, 1:].double().sum(1).cpu())
         refined_rows = torch.zeros(0, dtype=torch.long)

@@ -143,8 +143,11 @@ def amortized_draws(module: MixturePDE, data: CohortTensors, subtype: torch.Tens
     rows = torch.arange(data.n_subjects)
     loc = torch.stack([guide.d_loc, guide.r_loc], -1).double().cpu()[rows, subtype]  # (S, 2)
     scale = torch.stack([guide.d_scale, guide.r_scale], -1).double().cpu()[rows, subtype]
-    z = torch.randn(data.n_subjects, n_draws, 2, generator=generator, dtype=torch.float64)
-    return loc[:, None] + scale[:, None] * z, log_probs.cpu()[rows, subtype]
+    eps = torch.randn(data.n_subjects, n_draws, 2, generator=generator, dtype=torch.float64)
+    # q's shape beyond a Gaussian (the identity for a LogNormal q), under each subject's subtype
+    deviates = torch.stack([module.shape(eps[..., j, None].expand(-1, -1, module.n_components), j)[
+        rows, :, subtype] for j in (0, 1)], -1)
+    return loc[:, None] + scale[:, None] * deviates, log_probs.cpu()[rows, subtype]
 
 
 def posterior_draws(module: MixturePDE, data: CohortTensors, subtype: torch.Tensor, n_draws: int,

@@ -45,6 +45,14 @@ MAX_PLATE_NESTING = 2
 # beyond the prior) reach it; their fields are saturated and their likelihood negligible anyway.
 MAX_STEPS_PER_INTERVAL = 200
 THETA_RANGE_SDS = 10.0
+# Standard-normal scores at which the amortized q's shape is stored (spacing 0.25: -1, 0, 1 are scores)
+SHAPE_SCORES = torch.linspace(-2.5, 2.5, 21)
+_MEDIAN, _MINUS_ONE, _PLUS_ONE = 10, 6, 14  # their indices
+
+
+def _quantile_centre(quantiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Median and half 16-84% range of quantiles (..., M) at SHAPE_SCORES: (...,) each."""
+    return quantiles[..., _MEDIAN], 0.5 * (quantiles[..., _PLUS_ONE] - quantiles[..., _MINUS_ONE])
 
 
 @dataclass
@@ -114,6 +122,9 @@ class MixturePDE(nn.Module):
         self.register_buffer("amortized_log_stretch", torch.zeros(self.n_components, 2, 3))
         self.register_buffer("amortized_center", torch.zeros(self.n_components, 2, 2))
         self.register_buffer("amortized_spread", torch.ones(self.n_components, 2, 2))
+        # The shape of the recalibrated q beyond a Gaussian: quantiles (K, 2, M) of the recalibrated
+        # z at the standard-normal scores SHAPE_SCORES (identity: q is LogNormal); see ``shape``
+        self.register_buffer("amortized_quantiles", SHAPE_SCORES.repeat(self.n_components, 2, 1))
         # Temperature of the subtype head's logits, fitted on the same simulations (calibrated logits / T)
         self.register_buffer("amortized_temperature", torch.tensor(1.0))
         # Guide parameters of the global latents. The Dirichlet's concentration is learned in log
@@ -399,7 +410,8 @@ class MixturePDE(nn.Module):
         for name, value in (("amortized_shift", torch.zeros(self.n_components, 2, 3)),
                             ("amortized_log_stretch", torch.zeros(self.n_components, 2, 3)),
                             ("amortized_center", torch.zeros(self.n_components, 2, 2)),
-                            ("amortized_spread", torch.ones(self.n_components, 2, 2))):
+                            ("amortized_spread", torch.ones(self.n_components, 2, 2)),
+                            ("amortized_quantiles", SHAPE_SCORES.repeat(self.n_components, 2, 1))):
             state_dict.setdefault(prefix + name, value)
         state_dict.setdefault(prefix + "amortized_temperature", torch.tensor(1.0))
         state_dict.setdefault(prefix + "population_tied", torch.tensor(False))
@@ -501,14 +513,37 @@ class MixturePDE(nn.Module):
         return torch.cat([torch.ones_like(loc)[..., None], standard.clamp(-3.0, 3.0)], -1)
 
     def recalibrate(self, loc: torch.Tensor, scale: torch.Tensor, components: list[int], coordinate: int):
-        """q's (loc, scale) (..., C) for ``components`` and ``coordinate`` -> recalibrated
-        (loc + (shift . c) * scale, scale * exp(log_stretch . c)), c = ``calibration_covariates``."""
+        """q's (loc, scale) (..., C) for ``components`` and ``coordinate`` -> recalibrated: with
+        c = ``calibration_covariates``, the centre loc + (shift . c) * scale and the width
+        scale * exp(log_stretch . c), then moved to the median of the recalibrated z's quantiles
+        (``amortized_quantiles``) and scaled by their half 16-84% range. The recalibrated q is
+        loc + scale * shape(eps), eps standard normal (see ``shape``)."""
         if not components:
             return loc, scale
         covariates = self.calibration_covariates(loc, scale, components, coordinate)
         shift = (covariates * self.amortized_shift[components, coordinate].to(loc)).sum(-1)
         log_stretch = (covariates * self.amortized_log_stretch[components, coordinate].to(loc)).sum(-1)
-        return loc + shift * scale, scale * torch.exp(log_stretch)
+        loc, scale = loc + shift * scale, scale * torch.exp(log_stretch)
+        median, spread = _quantile_centre(self.amortized_quantiles[components, coordinate].to(loc))
+        return loc + median * scale, scale * spread
+
+    def shape(self, eps: torch.Tensor, coordinate: int) -> torch.Tensor:
+        """Standard-normal draws or scores ``eps`` (..., K) -> the recalibrated q's standardised
+        deviates for every component (..., K): piecewise linear through (SHAPE_SCORES, the
+        standardised ``amortized_quantiles``), unit slope beyond the outer scores; the identity
+        for a LogNormal q. q of component k is then loc_k + scale_k * shape(eps)_k (``recalibrate``)."""
+        quantiles = self.amortized_quantiles[:, coordinate].to(eps)  # (K, M)
+        median, spread = _quantile_centre(quantiles)
+        values = (quantiles - median[:, None]) / spread[:, None]
+        scores = SHAPE_SCORES.to(eps)
+        lead = eps.shape[:-1]
+        flat = eps.reshape(-1, eps.shape[-1]).T.contiguous()  # (K, L)
+        index = torch.searchsorted(scores, flat.clamp(scores[0], scores[-1])).clamp(1, len(scores) - 1)
+        left, right = scores[index - 1], scores[index]
+        v_left, v_right = torch.gather(values, 1, index - 1), torch.gather(values, 1, index)
+        inside = v_left + (v_right - v_left) * (flat.clamp(scores[0], scores[-1]) - left) / (right - left)
+        beyond = flat - flat.clamp(scores[0], scores[-1])  # unit slope outside the outer scores
+        return (inside + beyond).T.reshape(*lead, eps.shape[-1])
 
     def amortized_loss(self, fields: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
                        diffusivity: torch.Tensor, reaction: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -545,6 +580,7 @@ class MixturePDE(nn.Module):
             for name in ("amortized_shift", "amortized_log_stretch", "amortized_center"):
                 getattr(self, name).zero_()
             self.amortized_spread.fill_(1.0)
+            self.amortized_quantiles.copy_(SHAPE_SCORES.repeat(self.n_components, 2, 1))
             self.amortized_temperature.fill_(1.0)
 
     def reinitialize(self, seed: int) -> None:
