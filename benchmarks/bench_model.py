@@ -65,6 +65,19 @@ def classic_fit_seconds_per_subject(ds, components, n_subjects: int = 5) -> floa
     return (time.perf_counter() - start) / n_subjects
 
 
+def recalibrate(model: SubtypeModel, train_ds, seed: int) -> dict:
+    """``amortize.calibrate`` of a loaded model on 1024 new simulations per component like its
+    training cohort (what the amortization stage ends with; the training itself is kept)."""
+    from pyrovae_pde.inference.amortize import calibrate
+    from pyrovae_pde.inference.encoding import global_means
+    from pyrovae_pde.model.likelihood import observation_sd
+
+    module = model.module_
+    data = cohort_tensors(train_ds, module.domain)
+    noise_sd = float(observation_sd(global_means(module)[1]))
+    return calibrate(module, data, 1024, noise_sd, torch.Generator().manual_seed(seed + 2))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), required=True)
@@ -75,7 +88,12 @@ def main(argv=None) -> int:
     parser.add_argument("--classic-subjects", type=int, default=3, help="subjects timed for the classic fit")
     parser.add_argument("--json", help="write the figures here too")
     parser.add_argument("--save-model", metavar="DIR", help="save the fitted model here (SubtypeModel.save), to score "
-                        "later predicts on the same fit (benchmarks/bench_predict.py)")
+                        "later predicts on the same fit (--load-model)")
+    parser.add_argument("--load-model", metavar="DIR", help="score this saved model (of the same scenario, "
+                        "--subjects and --seed) instead of fitting one")
+    parser.add_argument("--recalibrate", action="store_true", help="with --load-model: redo the amortized "
+                        "posterior's recalibration (amortize.calibrate) with this code, on simulations like the "
+                        "training cohort")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where fit and predict run")
     parser.add_argument("--batch-size", type=int, default=16, help="SVI minibatch (subjects per step)")
     parser.add_argument("--amortize-steps", type=int, default=None, help="amortization steps after the fit "
@@ -92,12 +110,20 @@ def main(argv=None) -> int:
                         components=sc["components"])
     test_ds = simulate(sc["benchmark"], args.test_subjects, seed=args.seed + 200, noise_sd=sc["noise_sd"],
                        components=sc["components"])
-    model = SubtypeModel(sc["components"], priors=sc["priors"])
     start = time.perf_counter()
-    model.fit(train_ds, epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty(), device=args.device,
-              batch_size=args.batch_size,
-              **({} if args.amortize_steps is None else {"amortize_steps": args.amortize_steps}))
-    fit_s = time.perf_counter() - start
+    if args.load_model:
+        model = SubtypeModel.load(args.load_model)
+        if args.recalibrate:
+            recalibrated = recalibrate(model, train_ds, args.seed)
+            model.history_.amortization = {**(model.history_.amortization or {}), **recalibrated,
+                                           "recalibrated_by": "bench_model --recalibrate"}
+        fit_s = float("nan")
+    else:
+        model = SubtypeModel(sc["components"], priors=sc["priors"])
+        model.fit(train_ds, epochs=args.epochs, seed=args.seed, progress=sys.stderr.isatty(), device=args.device,
+                  batch_size=args.batch_size,
+                  **({} if args.amortize_steps is None else {"amortize_steps": args.amortize_steps}))
+        fit_s = time.perf_counter() - start
     if args.save_model:
         model.save(args.save_model)
     rss_after_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
