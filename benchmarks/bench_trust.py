@@ -16,7 +16,7 @@ visits at 0, 12, 48 (0, 6, 24).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_model.py --scenario paper-noisy --subjects 1000 \\
         --test-subjects 1000 --epochs 12 --seed 1 --save-model pn1
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_trust.py --model pn1
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_trust.py --model pn1 [--recalibrate]
 """
 from __future__ import annotations
 
@@ -75,10 +75,17 @@ def main(argv=None) -> int:
     parser.add_argument("--noise", type=float, default=0.05, help="the model's data noise (for its cohorts)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--components", type=int, default=16, help="principal components of the features")
+    parser.add_argument("--recalibrate", action="store_true", help="redo the amortized posterior's recalibration "
+                        "with this code first (as bench_model.py --recalibrate)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     model = SubtypeModel.load(args.model)
     module = model.module_
+    if args.recalibrate:
+        from bench_model import recalibrate
+
+        recalibrate(model, simulate("paper-grid", 1000, seed=args.seed + 100, noise_sd=args.noise,
+                                    components=COMPONENTS), args.seed)
     training = cohort_tensors(simulate("paper-grid", 1000, seed=args.seed + 100, noise_sd=args.noise,
                                        components=COMPONENTS), module.domain)
     noise_sd = float(observation_sd(global_means(module)[1]))
