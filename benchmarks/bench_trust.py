@@ -5,7 +5,8 @@ and outside the fitted model: the encoder alone (``refine=False``) against every
 (``refine=True``), and which subjects each trust diagnostic flags:
 
 * the Newton check of ``TrustRule`` (``amortize.check_amortized``: three solves per subject, the
-  package's default), at probability threshold 0 so that only the check decides;
+  package's default; its gain, sd ratio and residual chi-square), at probability threshold 0 so
+  that only the check decides; and what the default predict (``refine="auto"``) then gives;
 * a solve-free alternative tried and not adopted: the Mahalanobis distance of the encoder's
   features in their top principal components, plus the residual outside them, against the 0.995
   quantiles of the same on simulations from the model (``--components`` principal components).
@@ -108,10 +109,16 @@ def main(argv=None) -> int:
         typical = typicality.flags(features(data.signal, data.times, data.observed))
         alone = recovery_metrics(model.posterior(ds, refine=False), ds)
         refined = recovery_metrics(model.posterior(ds, refine=True), ds)
+        start = time.perf_counter()
+        default = model.posterior(ds)  # refine="auto" with the default TrustRule
+        default_seconds = time.perf_counter() - start
         row = {"cohort": name, "newton_flagged": int(check.refine.sum()),
                "newton_median_gain": round(float(check.check.gain.median()), 2),
                "newton_seconds": round(check_seconds, 2), "typicality_flagged": int(typical.sum()),
                "flagged_by_both": int((typical & check.refine).sum()),
+               "newton_flagged_by_fit_p": int((check.check.fit_p < TrustRule().min_fit_p).sum()),
+               "default_refined": int(default.attrs["n_refined"]), "default_seconds": round(default_seconds, 2),
+               "default": {k: round(v, 3) for k, v in recovery_metrics(default, ds).items() if k in KEYS},
                "encoder_alone": {k: round(alone[k], 3) for k in KEYS},
                "refined": {k: round(refined[k], 3) for k in KEYS}}
         rows.append(row)

@@ -248,6 +248,28 @@ def test_check_gain_is_the_newton_decrement_from_an_offset_centre(amortized):
     assert torch.allclose(at_mode.sd_ratio, conditional, rtol=0.05)
 
 
+def test_check_fit_p_is_uniform_at_the_models_noise_and_tiny_at_three_times_it(amortized):
+    """At the truth of subjects simulated at the model's noise the residuals' chi-square p is
+    roughly uniform (few below 0.01); with three times that noise every subject's is below the
+    rule's 1e-4, so predict refines them (the encoder, trained at the model's noise, is
+    confidently wrong there)."""
+    module, data = amortized
+    k = 1
+    fractions = {}
+    for factor in (1.0, 3.0):
+        fields, times, observed, diffusivity, reaction = simulate_like(module, data, 200, NOISE * factor,
+                                                                       torch.Generator().manual_seed(21))
+        cohort = CohortTensors([f"s{i}" for i in range(200)], fields[:, k], times, observed)
+        d_loc = torch.zeros(200, 2)
+        r_loc = torch.zeros(200, 2)
+        d_loc[:, k], r_loc[:, k] = diffusivity[:, k].log(), reaction[:, 0].log()
+        check = check_amortized(module, cohort, torch.full((200,), k), d_loc, torch.ones(200, 2), r_loc, NOISE,
+                                dtype=torch.float64)
+        fractions[factor] = (float((check.fit_p < 0.01).double().mean()),
+                             float((check.fit_p < TrustRule().min_fit_p).double().mean()))
+    assert fractions[1.0][0] < 0.05 and fractions[3.0][1] == 1.0, fractions
+
+
 def test_auto_predict_refines_exactly_the_subjects_the_rule_flags(amortized):
     module, data = amortized
     cohorts, _, _ = _simulated(module, data, 20, seed=9)

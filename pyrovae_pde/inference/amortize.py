@@ -347,13 +347,17 @@ def simulated_check(module: MixturePDE, fields: torch.Tensor, times: torch.Tenso
 class AmortizedCheck:
     """Per-subject check of the amortized posterior on its most probable component k*: the
     Gauss-Newton ``gain`` (N,) in nats, how much the log posterior of theta under k* would rise
-    by one Newton step from q's centre (0 at the mode; large when q sits off the mode), and
+    by one Newton step from q's centre (0 at the mode; large when q sits off the mode),
     ``sd_ratio`` (N,), q's sd of log D over the Laplace approximation's at q's centre (1 when
-    q's width is right)."""
+    q's width is right), and ``fit_p`` (N,), the chi-square upper-tail probability of the
+    residuals at the model's noise (sum of squares / sd^2 at q's centre less twice the gain, the
+    Newton step's predicted mode, on n_obs degrees of freedom; tiny when the subject's scans are
+    noisier than the model or not fitted by it)."""
 
     component: torch.Tensor
     gain: torch.Tensor
     sd_ratio: torch.Tensor
+    fit_p: torch.Tensor | None = None
 
 
 def check_amortized(module: MixturePDE, data: CohortTensors, component: torch.Tensor, d_loc: torch.Tensor,
@@ -364,12 +368,15 @@ def check_amortized(module: MixturePDE, data: CohortTensors, component: torch.Te
     and in log r, the model's own solver at step counts shared by the three) in ``dtype``
     (difference step 1e-2 in float32, 1e-4 in float64).
     d_loc, d_scale (N, K), r_loc (N, K) (NaN or unused where the component has no rate)."""
+    from scipy.stats import chi2
+
     from ..physics import solve_active
 
     n = data.n_subjects
     step = 1e-2 if dtype == torch.float32 else 1e-4
     gain = torch.zeros(n, dtype=torch.float64)
     sd_ratio = torch.ones(n, dtype=torch.float64)
+    fit_p = torch.ones(n, dtype=torch.float64)
     prior = module.prior_terms(torch.float64)  # la, sa, lb, sb (K,): the searches' Gaussian prior
     settings = module.solver_settings()
     variance = noise_sd ** 2
@@ -409,7 +416,12 @@ def check_amortized(module: MixturePDE, data: CohortTensors, component: torch.Te
             # the Newton decrement g^T H^-1 g / 2 of the 2 x 2 (unit placeholder for rate-free) Hessian
             gain[idx] = 0.5 * (hbb * grad_a ** 2 - 2 * hab * grad_a * grad_b + haa * grad_b ** 2) / det
             sd_ratio[idx] = d_scale[idx, k].double() / (hbb / det).sqrt()
-    return AmortizedCheck(component, gain, sd_ratio)
+            n_obs = mask.double().sum((1, 2)).cpu() * signal.shape[-1]
+            # the residuals' chi-square at the Newton step's predicted mode, so that q's offset (the
+            # gain) does not count as misfit
+            chi_square = ((resid[0] ** 2).sum(-1) / variance - 2.0 * gain[idx]).clamp_min(0.0)
+            fit_p[idx] = torch.from_numpy(chi2.sf(chi_square.numpy(), n_obs.clamp_min(1).numpy()))
+    return AmortizedCheck(component, gain, sd_ratio, fit_p)
 
 
 @dataclass
@@ -429,11 +441,15 @@ class TrustRule:
     probability is at least ``min_top_probability`` (below it, the subtype is in doubt and the
     refined evidence decides better than the head), and on that subtype q sits within
     ``max_gain`` nats of the mode (``AmortizedCheck.gain``) with an sd of log D within a factor
-    ``max_sd_ratio`` of the Laplace approximation's at q's centre. Every other subject is refined."""
+    ``max_sd_ratio`` of the Laplace approximation's at q's centre, and its residuals there are
+    not significantly larger than the model's noise (chi-square ``fit_p`` at least ``min_fit_p``:
+    the encoder was trained at the model's noise, and on a cohort noisier than that it is
+    confidently wrong while its centre sits near the mode). Every other subject is refined."""
 
     min_top_probability: float = 0.9
     max_gain: float = 5.0
     max_sd_ratio: float = 2.0
+    min_fit_p: float = 1e-4
 
     def flags(self, module: MixturePDE, data: CohortTensors, log_probs: torch.Tensor, guide,
               noise_sd: float) -> TrustFlags:
@@ -443,11 +459,11 @@ class TrustRule:
         doubtful = (top < self.min_top_probability).cpu()
         keep = torch.nonzero(~doubtful).flatten()
         check = AmortizedCheck(component.cpu(), torch.zeros(len(top), dtype=torch.float64),
-                               torch.ones(len(top), dtype=torch.float64))
+                               torch.ones(len(top), dtype=torch.float64), torch.ones(len(top), dtype=torch.float64))
         if len(keep):
             part = check_amortized(module, data.subset(keep), component[keep].cpu(), guide.d_loc[keep].cpu(),
                                    guide.d_scale[keep].cpu(), guide.r_loc[keep].cpu(), noise_sd)
-            check.gain[keep], check.sd_ratio[keep] = part.gain, part.sd_ratio
+            check.gain[keep], check.sd_ratio[keep], check.fit_p[keep] = part.gain, part.sd_ratio, part.fit_p
         off = (check.gain > self.max_gain) | (check.sd_ratio > self.max_sd_ratio) | (
-            check.sd_ratio < 1.0 / self.max_sd_ratio) | ~torch.isfinite(check.gain)
+            check.sd_ratio < 1.0 / self.max_sd_ratio) | ~torch.isfinite(check.gain) | (check.fit_p < self.min_fit_p)
         return TrustFlags(doubtful | off, top.cpu(), check, dataclasses.asdict(self))
