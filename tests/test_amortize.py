@@ -8,12 +8,20 @@ import re
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 from pyrovae_pde.data import cohort_tensors, domain_from_dataset, simulate
 from pyrovae_pde.data.cohort import CohortTensors
 from pyrovae_pde.errors import InputError
-from pyrovae_pde.inference.amortize import (TrustRule, amortize, calibrate, check_amortized,
-                                            fit_conditional_calibration, fit_temperature, simulate_like)
+from pyrovae_pde.inference.amortize import (
+    TrustRule,
+    amortize,
+    calibrate,
+    check_amortized,
+    fit_conditional_calibration,
+    fit_temperature,
+    simulate_like,
+)
 from pyrovae_pde.inference.encoding import encode_amortized_cohort
 from pyrovae_pde.inference.laplace import laplace_fit
 from pyrovae_pde.inference.posterior import posterior_dataset
@@ -319,9 +327,19 @@ def test_predict_and_sbc_commands_use_the_amortized_encoder(amortized, tmp_path,
     cohort = tmp_path / "new.nc"
     save_dataset(simulate("graph", 12, seed=8, noise_sd=NOISE, components=COMPONENTS), cohort)
     assert main(["predict", str(tmp_path / "run"), str(cohort), "--out", str(tmp_path / "auto.nc")]) == 0
+    first = capsys.readouterr()
+    assert "noisier than the fitted model" not in first.err
+    noisy = tmp_path / "noisy.nc"  # three times the model's noise: every subject's residuals say so
+    save_dataset(simulate("graph", 12, seed=8, noise_sd=3 * NOISE, components=COMPONENTS), noisy)
+    assert main(["predict", str(tmp_path / "run"), str(noisy), "--out", str(tmp_path / "noisy_post.nc")]) == 0
+    captured = capsys.readouterr()
+    # the residual test runs where the subtype probability passes; the others are refined anyway
+    noisier = re.search(r"(\d+) of 12 subjects' scans are noisier than the fitted model", captured.err)
+    assert noisier and int(noisier.group(1)) >= 6, captured.err
+    assert xr.load_dataset(tmp_path / "noisy_post.nc").attrs["n_refined"] == 12
     assert main(["predict", str(tmp_path / "run"), str(cohort), "--refine", "none",
                  "--out", str(tmp_path / "none.nc")]) == 0
-    out = capsys.readouterr().out
+    out = first.out + capsys.readouterr().out
     counts = [(int(a), int(b)) for a, b in re.findall(r"\((\d+) refined, (\d+) by the encoder alone\)", out)]
     assert len(counts) == 2 and sum(counts[0]) == 12 and counts[1] == (0, 12), out
     assert main(["predict", str(tmp_path / "run"), str(cohort), "--trust-probability", "1.5",

@@ -427,12 +427,15 @@ def check_amortized(module: MixturePDE, data: CohortTensors, component: torch.Te
 @dataclass
 class TrustFlags:
     """Which subjects ``TrustRule.flags`` sends to refinement (``refine`` (N,) bool) and why:
-    ``top_probability`` (N,), the ``check`` of the amortized posterior, and the ``rule`` applied."""
+    ``top_probability`` (N,), the ``check`` of the amortized posterior, the ``rule`` applied, and
+    ``reasons``: how many subjects each part of the rule flagged (a subject can count under several;
+    the check runs only where the probability passes)."""
 
     refine: torch.Tensor
     top_probability: torch.Tensor
     check: AmortizedCheck
     rule: dict
+    reasons: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -464,6 +467,10 @@ class TrustRule:
             part = check_amortized(module, data.subset(keep), component[keep].cpu(), guide.d_loc[keep].cpu(),
                                    guide.d_scale[keep].cpu(), guide.r_loc[keep].cpu(), noise_sd)
             check.gain[keep], check.sd_ratio[keep], check.fit_p[keep] = part.gain, part.sd_ratio, part.fit_p
-        off = (check.gain > self.max_gain) | (check.sd_ratio > self.max_sd_ratio) | (
-            check.sd_ratio < 1.0 / self.max_sd_ratio) | ~torch.isfinite(check.gain) | (check.fit_p < self.min_fit_p)
-        return TrustFlags(doubtful | off, top.cpu(), check, dataclasses.asdict(self))
+        parts = {"top_probability": doubtful,
+                 "newton_gain": (check.gain > self.max_gain) | ~torch.isfinite(check.gain),
+                 "sd_ratio": (check.sd_ratio > self.max_sd_ratio) | (check.sd_ratio < 1.0 / self.max_sd_ratio),
+                 "residuals": check.fit_p < self.min_fit_p}
+        refine = torch.stack(list(parts.values())).any(0)
+        return TrustFlags(refine, top.cpu(), check, dataclasses.asdict(self),
+                          {name: int(flag.sum()) for name, flag in parts.items()})

@@ -302,6 +302,7 @@ def posterior_dataset(module: MixturePDE, data: CohortTensors, n_particles: int 
              "n_refined": int(variables["refined"][1].sum()), "amortized": int(amortized)}
     if flags is not None:
         attrs["trust_rule"] = json.dumps(flags.rule)
+        attrs["refine_reasons"] = json.dumps(flags.reasons)
     if conflict is not None:  # prior-data conflict on this cohort (see prior_check): modes, log evidence, n_obs
         checks = prior_conflict(module.priors, conflict[0], conflict[1], weights, module.rate_mask(), conflict[2])
         attrs["prior_conflict"] = json.dumps([c.as_dict() for c in checks])

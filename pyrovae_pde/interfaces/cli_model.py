@@ -164,6 +164,22 @@ def warn_prior_conflicts(checks: list[dict], where: str) -> None:
             print(f"warning: {where}: {check.message()}", file=sys.stderr)
 
 
+UNTRUSTED_RESIDUALS_SHARE = 0.05  # above this share of subjects, predict says the cohort is noisier than the fit
+
+
+def warn_untrusted(reasons: dict, n_subjects: int, where: str) -> None:
+    """A warning when many subjects' residuals at the encoder's posterior are larger than the
+    model's noise (``TrustFlags.reasons``): the cohort differs from the one the model was fitted to."""
+    import sys
+
+    count = int(reasons.get("residuals", 0))
+    if n_subjects and count > UNTRUSTED_RESIDUALS_SHARE * n_subjects:
+        print(f"warning: {where}: {count} of {n_subjects} subjects' scans are noisier than the fitted model's noise "
+              "(residual chi-square p < the trust rule's min_fit_p at the encoder's posterior), so they were "
+              "refined. Is this cohort from another scanner or preprocessing than the fit's? Check the model on it "
+              "with `pyrovae-pde ppc`, or fit a model to it.", file=sys.stderr)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..data.contract import atomic_write
@@ -194,9 +210,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
           f"{', '.join(model.components)} in {time.perf_counter() - start:.1f} s "
           f"({post.attrs['n_refined']} refined, {post.sizes['subject'] - post.attrs['n_refined']} by the encoder "
           "alone)")
-    if "prior_conflict" in post.attrs:
-        import json
+    import json
 
+    if "refine_reasons" in post.attrs:
+        warn_untrusted(json.loads(post.attrs["refine_reasons"]), post.sizes["subject"], str(args.data))
+    if "prior_conflict" in post.attrs:
         warn_prior_conflicts(json.loads(post.attrs["prior_conflict"]), str(args.data))
     if "true_subtype" in ds:
         from ..inference.evaluation import format_metrics, recovery_metrics
