@@ -54,6 +54,19 @@ class AmortizationReport:
     cross_entropy: list[float] = field(default_factory=list)
     validation: dict = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """One line for the log: steps, time, and the held-out simulated checks."""
+        v = self.validation
+        parts = [f"{self.steps} steps in {self.seconds:.0f} s"]
+        if "simulated_accuracy" in v:
+            parts.append(f"on new simulated subjects: subtype accuracy {v['simulated_accuracy']:.3f} "
+                         f"(mean top probability {v['simulated_top_probability']:.3f})")
+            coverage = [f"{v[key]:.2f}" for key in ("simulated_coverage_d", "simulated_coverage_r") if key in v]
+            parts.append("90% coverage of D" + (" / r " if len(coverage) > 1 else " ") + " / ".join(coverage))
+        if "calibration_temperature" in v:
+            parts.append(f"subtype temperature {v['calibration_temperature']:.2f}")
+        return "; ".join(parts)
+
     def as_dict(self) -> dict:
         tail = max(1, len(self.nll) // 10)
         return {"steps": self.steps, "seconds": round(self.seconds, 1), "simulation_bank": self.bank,

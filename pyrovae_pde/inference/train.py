@@ -167,7 +167,7 @@ def _train(module: MixturePDE, data: CohortTensors | LazyCohort, config: TrainCo
         report = amortize(module, shard.train, steps=config.amortize_steps, seed=config.seed,
                           progress=config.progress)
         state.amortization = report.as_dict()
-        LOGGER.info("amortized posterior: %s", state.amortization)
+        LOGGER.info("amortized posterior: %s", report.summary())
     if checkpoint is not None and config.restarts > 1:  # record the restarts' outcome for --resume
         trainer = Trainer(module, shard, config, device)
         _save_checkpoint(checkpoint, trainer, state, finished["module"], config, finished)
