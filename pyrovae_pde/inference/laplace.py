@@ -107,7 +107,7 @@ def _residuals_and_jacobians(module: MixturePDE, signal: torch.Tensor, times: to
                              fresh: torch.Tensor | None = None, coarse: bool = False):
     """Residuals (B, K, M) at theta = (a, b) (B, K) and forward-difference Jacobian columns.
 
-    All points share the step counts set by ``step_rates`` (B,), so the difference sees the PDE's
+    All points share the step counts set by ``step_rates`` (B, K), so the difference sees the PDE's
     dependence on theta, not a change of discretisation. ``base``: residuals at theta already
     solved with these step counts, except for the rows where ``fresh`` (B,) is True."""
     n = a.shape[0]
@@ -178,9 +178,10 @@ class _LevenbergMarquardt:
         return step_a / size, step_b / size
 
     def step_rates(self, b, margin):
-        """Solver step counts of a subject: its largest rate, times a margin."""
-        rate_index = self.module.rate_index
-        return torch.exp(b[:, rate_index]).amax(dim=1) * math.exp(margin) if rate_index else None
+        """Solver step counts per (subject, component) (B, K): its own rate times a margin (0 without a rate)."""
+        if not self.module.rate_index:
+            return None
+        return torch.exp(b) * math.exp(margin) * self.has_rate.to(b.dtype)
 
     def fit(self, batch, a, b, n_iter: int, tol: float) -> tuple:
         """Search one batch (signal, times, observed mask of later visits) from (a, b) (B, K);
@@ -239,7 +240,7 @@ class _LevenbergMarquardt:
         final_rates = self.step_rates(b, 0.0)
         fresh = None
         if final_rates is not None:
-            fresh = final_rates > search_rates
+            fresh = (final_rates > search_rates).any(dim=1)  # (B,)
             final_rates = torch.maximum(final_rates, search_rates)
         resid, ja, jb = _residuals_and_jacobians(module, sig, tim, msk, a, b, self.step, final_rates,
                                                  base=resid if fresh is not None else None, fresh=fresh,

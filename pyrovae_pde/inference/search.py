@@ -32,7 +32,7 @@ from ..model.module import MixturePDE
 from .encoding import GuideSummary
 from .laplace import LaplaceFit, laplace_evidence, posterior_hessian, solve_residuals
 
-# log of the factor on a subject's largest rate that sets the solver's step counts during the
+# log of the factor on a component's rate that sets the solver's step counts during the
 # search: finite differences and trial points must share the discretisation of their base point.
 RATE_MARGIN = 0.3
 DTYPE_OUT = torch.float64
@@ -135,8 +135,10 @@ class _NewtonSearch:
     step: float  # finite-difference step in log space
 
     def rates_of(self, b):
-        rate_index = self.module.rate_index
-        return torch.exp(b[:, rate_index]).amax(dim=1) * math.exp(RATE_MARGIN) if rate_index else None
+        """Step-count rates (B, K): each component's own rate times the margin (0 without a rate)."""
+        if not self.module.rate_index:
+            return None
+        return torch.exp(b) * math.exp(RATE_MARGIN) * self.has_rate.to(b.dtype)
 
     def objective(self, resid, a, b):
         la, sa, lb, sb, rate_f = self.prior

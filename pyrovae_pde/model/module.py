@@ -286,7 +286,7 @@ class MixturePDE(nn.Module):
                 coarse: bool = False) -> torch.Tensor:
         """u0 (B, n), times (B, T), diffusivity (B, K), reaction (B, K_r) -> fields (B, K, T, n).
 
-        ``step_rates`` (B,): optional rates that fix the solver's step counts (see ``solve_active``).
+        ``step_rates`` (B,) or (B, K): optional rates that fix the solver's step counts (see ``solve_active``).
         ``coarse``: plain Strang steps of ``reaction_step`` in every interval, for searches whose
         result is corrected with the default solve (a fraction of its cost, tens of times its error).
         """

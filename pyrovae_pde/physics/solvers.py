@@ -5,8 +5,9 @@ Three interchangeable methods share one signature:
 * ``"spectral"`` (``"auto"`` for domains up to ``SPECTRAL_MAX_NODES`` nodes): diffusion is solved
   exactly in the eigenbasis of L (u -> V exp(-D Lambda dt) V^T u), the pointwise reaction by its
   exact flow (or RK4), combined by second-order Strang splitting, and by default Richardson
-  extrapolation of n and 2n steps. The step count per visit interval is chosen per subject from
-  the dimensionless reaction step r*dt, finer in the first interval, which starts from the
+  extrapolation of n and 2n steps. The step count per visit interval is chosen per subject and
+  component from the dimensionless reaction step r*dt of that component's own rate (so a
+  component's solution never depends on the others), finer in the first interval, which starts from the
   observed (rough) initial field. Fields are kept in [0, 1], the range of a normalised
   concentration that the exact solution never leaves.
 * ``"chebyshev"`` (``"auto"`` above ``SPECTRAL_MAX_NODES``): the same splitting, step counts,
@@ -126,16 +127,17 @@ def solve_active(domain: Domain, u0: torch.Tensor, times: torch.Tensor, diffusiv
 
     Returns (N, K, T, n_nodes); entry [:, :, 0] is u0. Times in the unit of the rates; D in
     (length unit)^2 per time unit, r per time unit. Spectral steps per visit interval are
-    ceil(interval * max(r_i, rate_floor) / reaction_step) per subject, with r_i the subject's
-    largest rate over components and ``initial_reaction_step`` in the first interval; a fixed
-    floor (default 0) makes each subject's result independent of its batch, ``None`` uses the
-    batch's largest rate. ``max_steps`` caps the steps per interval (accuracy then degrades for
-    the largest r*dt only). ``extrapolate`` combines n and 2n steps by Richardson extrapolation
-    (fourth order in smooth intervals, three times the products of plain Strang with n steps);
-    without it the result is plain Strang, which keeps [0, 1] and positivity exactly.
+    ceil(interval * max(r_ik, rate_floor) / reaction_step) per subject i and component k, with
+    r_ik that component's own rate (0 without one) and ``initial_reaction_step`` in the first
+    interval; a fixed floor (default 0) makes each (subject, component) result independent of its
+    batch and of the subject's other components, ``None`` uses the batch's largest rate.
+    ``max_steps`` caps the steps per interval (accuracy then degrades for the largest r*dt only).
+    ``extrapolate`` combines n and 2n steps by Richardson extrapolation (fourth order in smooth
+    intervals, three times the products of plain Strang with n steps); without it the result is
+    plain Strang, which keeps [0, 1] and positivity exactly.
     ``max_substep`` bounds the RK4 substeps of reaction terms that have no exact flow.
-    ``step_rates`` (N,), if given, replaces each subject's largest rate in the step-count rule:
-    solves that must share their discretisation (finite differences in the rates) pass one value.
+    ``step_rates`` (N,) or (N, K), if given, replaces the rates in the step-count rule: solves that
+    must share their discretisation (finite differences in the rates) pass one value.
     ``settings``: a ``SolverSettings``; keyword ``options`` override its fields.
     """
     settings = _with_options(settings, options)
@@ -254,19 +256,36 @@ def _strang_interval(u: torch.Tensor, interval: torch.Tensor, n_steps: torch.Ten
 def _solve_split(u0: torch.Tensor, tau: torch.Tensor, diffusivity: torch.Tensor, reaction: torch.Tensor,
                  terms: list[ReactionTerm], settings: SolverSettings, propagator: Propagator,
                  step_rates: torch.Tensor | None = None) -> torch.Tensor:
-    reaction_step, initial_reaction_step = settings.reaction_step, settings.initial_reaction_step
-    extrapolate, max_steps, rate_floor = settings.extrapolate, settings.max_steps, settings.rate_floor
-    max_substep = settings.max_substep
+    rate_floor = settings.rate_floor
     n_sub, n_comp = diffusivity.shape
     has_rate = torch.tensor([t.has_rate for t in terms], device=u0.device, dtype=u0.dtype)
     rate = reaction * has_rate  # (N, K); zero for rate-free components
-    # Step counts are per subject, from max(its own largest rate, rate_floor), so a subject's
-    # solution does not depend on which other subjects share its batch (rate_floor=None: every
-    # subject gets the steps of the batch's largest rate).
-    subject_rate = rate.detach().abs().amax(dim=1) if step_rates is None else step_rates.detach().to(rate)  # (N,)
+    # Step counts are per subject AND component, from max(its own rate, rate_floor): a component's
+    # solution depends on its own D and r only, not on the subject's other components nor on its
+    # batch mates, so the mixture's likelihood solves each mechanism exactly as a simulator that
+    # solves it alone (rate_floor=None: everyone gets the steps of the batch's largest rate).
+    if step_rates is None:
+        step_rate = rate.detach().abs()
+    else:
+        step_rate = step_rates.detach().to(rate)
+        step_rate = (step_rate[:, None] if step_rate.dim() == 1 else step_rate).expand(n_sub, n_comp)
     if rate_floor is None:
-        rate_floor = float(subject_rate.max()) if n_sub else 0.0
-    subject_rate = subject_rate.clamp(min=rate_floor)
+        rate_floor = float(step_rate.max()) if step_rate.numel() else 0.0
+    step_rate = step_rate.clamp(min=rate_floor)  # (N, K)
+    if all(torch.equal(step_rate[:, k], step_rate[:, 0]) for k in range(1, n_comp)):
+        return _split_with_steps(u0, tau, diffusivity, rate, terms, settings, propagator, step_rate[:, 0])
+    return torch.cat([_split_with_steps(u0, tau, diffusivity[:, k:k + 1], rate[:, k:k + 1], terms[k:k + 1], settings,
+                                        propagator, step_rate[:, k]) for k in range(n_comp)], dim=1)
+
+
+def _split_with_steps(u0: torch.Tensor, tau: torch.Tensor, diffusivity: torch.Tensor, rate: torch.Tensor,
+                      terms: list[ReactionTerm], settings: SolverSettings, propagator: Propagator,
+                      step_rate: torch.Tensor) -> torch.Tensor:
+    """Strang splitting over every visit interval, all K components with the step counts of
+    ``step_rate`` (N,); u0 (N, n), tau (N, T), diffusivity and rate (N, K) -> (N, K, T, n)."""
+    reaction_step, initial_reaction_step = settings.reaction_step, settings.initial_reaction_step
+    extrapolate, max_steps, max_substep = settings.extrapolate, settings.max_steps, settings.max_substep
+    n_sub, n_comp = diffusivity.shape
     # Richardson extrapolation: every subject is solved twice, with n and with 2n Strang steps per
     # interval (runs 0..N-1 coarse, N..2N-1 fine); (4 fine - coarse) / 3 cancels the h^2 error term.
     copies = 2 if extrapolate else 1
@@ -280,7 +299,7 @@ def _solve_split(u0: torch.Tensor, tau: torch.Tensor, diffusivity: torch.Tensor,
         # The first interval starts from the observed (possibly rough) initial field, where the
         # splitting error is largest: it gets the finer step.
         step = initial_reaction_step if j == 0 else reaction_step
-        n_steps = _step_counts(interval.detach(), subject_rate, step, max_steps)
+        n_steps = _step_counts(interval.detach(), step_rate, step, max_steps)
         # Fixed from the step bound, not from the data, so batch mates do not change a subject.
         substeps = max(1, math.ceil(step / max_substep))
         u = _strang_interval(u, interval.repeat(copies), n_steps.repeat(copies) * refinement,
