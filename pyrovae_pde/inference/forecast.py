@@ -97,9 +97,7 @@ def forecast(module: MixturePDE, data: CohortTensors, times, n_draws: int = 200,
         r = module.full_reaction(reaction[:, sl][..., module.rate_index].reshape(g * b, -1), d) \
             if module.rate_index else torch.zeros_like(d)
         with torch.no_grad():
-            fields = solve_active(module.domain, rep(u0), rep(solve_t), d, r, module.terms, method="auto",
-                                  reaction_step=module.reaction_step,
-                                  initial_reaction_step=module.initial_reaction_step)
+            fields = solve_active(module.domain, rep(u0), rep(solve_t), d, r, module.terms, module.solver_settings())
         fields = fields.reshape(g, b, k, m + 1, nodes)[:, :, :, 1:]
         unsort = torch.as_tensor(inverse)[None, :, None, :, None].expand_as(fields)
         fields = torch.gather(fields, 3, unsort)  # back to the requested order

@@ -74,7 +74,11 @@ class MixturePDE(nn.Module):
         n_visits: number of visit slots T in the data.
         priors: ``Priors``; ``time_scale``: typical follow-up length (encoder input scaling).
         reaction_step, initial_reaction_step: largest r*dt of a Strang step in the model's solves,
-            after and within the first visit interval (see ``physics.solve_active``).
+            after and within the first visit interval (see ``physics.solve_active``). The step
+            counts of a (subject, component) follow max(its own rate, ``step_rate_floor``), the
+            reaction prior's 97.5% point: one discretisation for nearly every subject, so a
+            component's fields depend on its own (D, r) only, a search's trial points share their
+            step counts, and the simulations of the amortization and of SBC solve as the likelihood.
         encoder_stem_voxels: grids larger than this enter the encoder through strided convolutions
             (``GridEncoder``); None: no stem (runs saved before it existed).
     """
@@ -96,6 +100,7 @@ class MixturePDE(nn.Module):
         self.n_visits = n_visits
         self.reaction_step = reaction_step
         self.initial_reaction_step = initial_reaction_step
+        self.step_rate_floor = priors.reaction.high if self.rate_index else 0.0
         self.time_scale, self.encoder_width = time_scale, encoder_width
         self.encoder_stem_voxels = encoder_stem_voxels
         # Build the body with an identity head to measure its feature size, then attach the real head.
@@ -297,6 +302,7 @@ class MixturePDE(nn.Module):
     def solver_settings(self, coarse: bool = False) -> SolverSettings:
         """The solver of the model's fields; ``coarse``: plain Strang steps of ``reaction_step``."""
         return SolverSettings(method="auto", reaction_step=self.reaction_step, max_steps=MAX_STEPS_PER_INTERVAL,
+                              rate_floor=self.step_rate_floor,
                               initial_reaction_step=self.reaction_step if coarse else self.initial_reaction_step,
                               extrapolate=not coarse)
 
