@@ -153,6 +153,33 @@ def test_diffusion_component_has_no_reaction_site(grid_data):
     assert "reaction" not in trace.nodes
 
 
+def test_a_mechanisms_fields_in_the_mixture_are_its_fields_alone(grid_data):
+    # Each (subject, component) is solved with the step counts of max(its own rate, the prior's
+    # 97.5% point): a mechanism's fields do not depend on the subject's other components' rates
+    # (some drawn far above the floor here), and a search's step rates below the floor change nothing.
+    from pyrovae_pde.physics import solve_active
+
+    _, domain, data = grid_data
+    module = _module(domain)
+    assert module.step_rate_floor == pytest.approx(module.priors.reaction.high)
+    rng = np.random.default_rng(0)
+    n = data.n_subjects
+    d = torch.tensor(rng.uniform(0.01, 1.0, (n, 3)))
+    r = torch.tensor(np.exp(rng.uniform(math.log(0.005), math.log(1.0), (n, 3))))
+    u0, times = data.signal[:, 0], data.times
+    mixture = module.predict(u0, times, d, r)
+    for k, term in enumerate(module.terms):
+        alone = solve_active(domain, u0, times, d[:, k:k + 1], r[:, k:k + 1], [term], module.solver_settings())
+        np.testing.assert_allclose(mixture[:, k].numpy(), alone[:, 0].numpy(), rtol=0, atol=1e-12)
+    low = torch.full((n, 3), 0.5 * module.step_rate_floor)
+    np.testing.assert_allclose(module.predict(u0, times, d, r, step_rates=low).numpy(),
+                               module.predict(u0, times, d, r, step_rates=torch.zeros(n, 3)).numpy(), rtol=0, atol=0)
+    # Rates above the floor take more steps, and those change the fields (at the discretisation's level)
+    high = torch.full((n, 3), 4.0 * module.step_rate_floor)
+    change = (module.predict(u0, times, d, r, step_rates=high) - mixture).abs().max()
+    assert 0 < float(change) < 1e-2
+
+
 def test_sleep_warm_up_learns_the_parameters_of_simulated_subjects(grid_data):
     """A short sleep phase makes the encoder's D estimate track the truth on fresh simulations."""
     from scipy.stats import spearmanr

@@ -544,11 +544,12 @@ class MixturePDE(nn.Module):
         scores = SHAPE_SCORES.to(eps)
         lead = eps.shape[:-1]
         flat = eps.reshape(-1, eps.shape[-1]).T.contiguous()  # (K, L)
-        index = torch.searchsorted(scores, flat.clamp(scores[0], scores[-1])).clamp(1, len(scores) - 1)
+        clamped = flat.clamp(scores[0], scores[-1])
+        index = torch.searchsorted(scores, clamped).clamp(1, len(scores) - 1)
         left, right = scores[index - 1], scores[index]
         v_left, v_right = torch.gather(values, 1, index - 1), torch.gather(values, 1, index)
-        inside = v_left + (v_right - v_left) * (flat.clamp(scores[0], scores[-1]) - left) / (right - left)
-        beyond = flat - flat.clamp(scores[0], scores[-1])  # unit slope outside the outer scores
+        inside = v_left + (v_right - v_left) * (clamped - left) / (right - left)
+        beyond = flat - clamped  # unit slope outside the outer scores
         return (inside + beyond).T.reshape(*lead, eps.shape[-1])
 
     def amortized_loss(self, fields: torch.Tensor, times: torch.Tensor, observed: torch.Tensor,
