@@ -107,9 +107,10 @@ def test_two_level_search_lands_on_the_default_solvers_mode_and_evidence():
     two = laplace_fit(module, data, sigma, n_iter=30, dtype=torch.float64, broyden=False, two_level=True)
     # The coarse solves alone are off by up to 11 nats here (their sum of squares at the same theta);
     # the correction leaves the solver's own discretisation noise: a one-step change in the step
-    # counts moves the default solver's evidence by up to 0.5 nats (measured 0.28 here).
+    # counts moves the default solver's evidence by up to 0.5 nats (measured 0.28 here with steps
+    # from a subject's largest rate over its components, 0.52 with each component's own rate).
     assert torch.allclose(two.mean, exact.mean, atol=5e-3), float((two.mean - exact.mean).abs().max())
-    assert torch.allclose(two.log_evidence, exact.log_evidence, atol=0.4), \
+    assert torch.allclose(two.log_evidence, exact.log_evidence, atol=0.6), \
         float((two.log_evidence - exact.log_evidence).abs().max())
     # The covariance comes from the coarse Jacobian: D's sd within 3%, r's within 8% (measured
     # 2.2% and 6.3% with this untrained encoder's start; at 1000 subjects with a trained one,
