@@ -95,6 +95,20 @@ def device_name(text: str) -> str:
 device_name.__name__ = "device"
 
 
+def add_run_arguments(p: argparse.ArgumentParser, data_help: str, out_help: str) -> None:
+    """The fitted run directory, the cohort file and the required ``--out`` of commands that use a run."""
+    p.add_argument("run_dir", help="run directory written by fit")
+    p.add_argument("data", help=data_help)
+    p.add_argument("--out", required=True, help=out_help)
+
+
+def warn_if_unconverged(model, where: str) -> None:
+    """Print the run's convergence warning, naming the flag to change; silent for a converged run."""
+    message = model.convergence_warning()
+    if message:
+        print(f"warning: {where}: {message}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pyrovae-pde",

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from ..errors import ExistingPathError, UserError
-from .cli import at_least, comma_list
-from .cli_model import add_run_arguments, add_training_arguments, fit_model, warn_if_unconverged
+from .cli import add_run_arguments, at_least, comma_list, warn_if_unconverged
+from .cli_model import add_training_arguments, fit_model
 
 
 def _run_and_data(args: argparse.Namespace):

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from .cli import at_least, comma_list, device_name, show_progress
+from .cli import add_run_arguments, at_least, comma_list, device_name, show_progress, warn_if_unconverged
 
 
 def _priors(options: list[str] | None) -> dict:
@@ -58,13 +58,6 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--prior", action="append", metavar="NAME=LO,HI",
                    help="central 95%% interval of a LogNormal prior: diffusivity=LO,HI or reaction=LO,HI")
-
-
-def add_run_arguments(p: argparse.ArgumentParser, data_help: str, out_help: str) -> None:
-    """The fitted run directory, the cohort file and the required ``--out`` of commands that use a run."""
-    p.add_argument("run_dir", help="run directory written by fit")
-    p.add_argument("data", help=data_help)
-    p.add_argument("--out", required=True, help=out_help)
 
 
 def fit_model(ds, components, args, out: Path | None, source: str):
@@ -140,15 +133,6 @@ def convergence_line(diag: dict) -> str:
     if diag.get("restarts", 1) > 1 and diag.get("restart_spread") == diag.get("restart_spread"):
         text += f", spread over {diag['restarts']} restarts {diag['restart_spread']:.2f} nats per subject"
     return text + ")"
-
-
-def warn_if_unconverged(model, where: str) -> None:
-    """Print the run's convergence warning, naming the flag to change; silent for a converged run."""
-    import sys
-
-    message = model.convergence_warning()
-    if message:
-        print(f"warning: {where}: {message}", file=sys.stderr)
 
 
 def warn_prior_conflicts(checks: list[dict], where: str) -> None:

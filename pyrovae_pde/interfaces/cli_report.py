@@ -10,8 +10,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import ExistingPathError, InputError, MissingFileError, UserError
-from .cli import at_least, comma_list, show_progress
-from .cli_model import add_run_arguments, warn_if_unconverged
+from .cli import add_run_arguments, at_least, comma_list, show_progress, warn_if_unconverged
 
 REPORT_FILE = "report.md"
 
