@@ -296,8 +296,8 @@ def machine() -> str:
 
 NOTES = (
     "How (a) gets there: Strang splitting with diffusion exact in the eigenbasis, Richardson-"
-    "extrapolated over n and 2n steps (order 4 where the field is smooth), per-subject step counts "
-    "(each subject's own largest rate; subjects that have finished an interval drop out of the dense "
+    "extrapolated over n and 2n steps (order 4 where the field is smooth), step counts per subject and "
+    "component (each component's own rate; runs that have finished an interval drop out of the dense "
     "products), a finer step in the first visit interval only (the error of the other intervals is "
     "small because the field is smooth by then; the first one starts from the rough initial scan), "
     "and reaction flows whose backward pass uses the closed-form sensitivities of a scalar "
