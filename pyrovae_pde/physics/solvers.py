@@ -269,10 +269,14 @@ def _solve_split(u0: torch.Tensor, tau: torch.Tensor, diffusivity: torch.Tensor,
     else:
         step_rate = step_rates.detach().to(rate)
         step_rate = (step_rate[:, None] if step_rate.dim() == 1 else step_rate).expand(n_sub, n_comp)
+    shared = n_comp == 1 or rate_floor is None or (step_rates is not None and step_rates.dim() == 1)
     if rate_floor is None:
         rate_floor = float(step_rate.max()) if step_rate.numel() else 0.0
     step_rate = step_rate.clamp(min=rate_floor)  # (N, K)
-    if all(torch.equal(step_rate[:, k], step_rate[:, 0]) for k in range(1, n_comp)):
+    # One solve for all components only where the call's form makes their step counts equal, never
+    # by comparing values: a subject's roundoff must not depend on its batch mates (one process
+    # against a batch split over ranks).
+    if shared:
         return _split_with_steps(u0, tau, diffusivity, rate, terms, settings, propagator, step_rate[:, 0])
     return torch.cat([_split_with_steps(u0, tau, diffusivity[:, k:k + 1], rate[:, k:k + 1], terms[k:k + 1], settings,
                                         propagator, step_rate[:, k]) for k in range(n_comp)], dim=1)
