@@ -41,13 +41,11 @@ def main(argv=None) -> int:
     data = cohort_tensors(train, module.domain)
     noise_sd = float(observation_sd(global_means(module)[1]))
     validation = simulate_like(module, data, args.validation, noise_sd, torch.Generator().manual_seed(77))
-    rows = []
     for size in args.sizes:
         for calibration_seed in (2, 3):
             calibrate(module, data, size, noise_sd, torch.Generator().manual_seed(calibration_seed))
             row = {"calibration_size": size, "calibration_seed": calibration_seed,
                    **{k: round(v, 3) for k, v in simulated_check(module, *validation).items()}}
-            rows.append(row)
             print(json.dumps(row))
     return 0
 
